@@ -1,0 +1,135 @@
+#!/bin/sh
+# ipsec-rollout health collector: READ-ONLY, POSIX sh, needs nothing from the tool.
+#
+# Run on a host (over SSH by `ipsec-rollout check/status`, or by hand: `sudo sh collect.sh`).
+# Prints sections, each introduced by a line `@@<name>`; rollout/health.py parses them:
+#   @@meta           format=, host=, time= (epoch seconds)
+#   @@stack          swanctl | stroke | none
+#   @@charon         running=yes|no, vici=yes|no, stroke=yes|no
+#   @@latch          latched=yes|no [, marker=<the marker file's content on one line>]
+#   @@swanctl        swanctl --list-sas --noblock --pretty      (swanctl stack)
+#   @@swanctl-conns  swanctl --list-conns --pretty              (swanctl stack)
+#   @@statusall      stroke statusall-nb / ipsec statusall     (stroke stack, Wikimedia style)
+#   @@xfrm-state     ip xfrm state list nokeys                  (never key material)
+#   @@xfrm-policy    ip xfrm policy list
+#   @@xfrm-stat      /proc/net/xfrm_stat
+#   @@exit           one `<section> <exit code>` line per command run above
+# Diagnostics go to stderr; swanctl's harmless "plugin '...': failed to load" lines are dropped.
+
+PATH=/usr/local/sbin:/usr/sbin:/sbin:/usr/local/bin:/usr/bin:/bin
+LC_ALL=C
+export PATH LC_ALL
+LATCH=/etc/ipsec-rollout/latched
+EXITS=""
+
+drop_noise() {
+    grep -v "^plugin '[^']*': failed to load" || true
+}
+
+# run SECTION CMD...: print `@@SECTION`, the command's stdout, its filtered stderr to our stderr,
+# and remember its exit code for the @@exit section (POSIX sh has no pipefail: fd 4 carries it).
+run() {
+    name=$1
+    shift
+    echo "@@$name"
+    { rc=$( { { "$@" 2>&1 1>&3 3>&- 4>&-; echo "$?" >&4; } | drop_noise >&2 3>&- 4>&-; } 4>&1 ); } 3>&1
+    EXITS="$EXITS$name $rc
+"
+}
+
+has() {
+    command -v "$1" >/dev/null 2>&1
+}
+
+yes_no() {
+    if "$@" >/dev/null 2>&1; then echo yes; else echo no; fi
+}
+
+charon_running() {
+    # `ps` fails inside UML guests; pgrep works everywhere we care about.
+    pgrep -x charon >/dev/null 2>&1 || pgrep -x charon-systemd >/dev/null 2>&1
+}
+
+vici_answers() {
+    has swanctl && swanctl --stats >/dev/null 2>&1
+}
+
+stroke_answers() {
+    [ -S /run/charon.ctl ] || [ -S /var/run/charon.ctl ]
+}
+
+stroke_statusall() {
+    if [ -x /usr/lib/ipsec/stroke ]; then
+        /usr/lib/ipsec/stroke statusall-nb   # non-blocking, as Wikimedia's check did
+    else
+        ipsec statusall
+    fi
+}
+
+xfrm_state() {
+    # `nokeys` exists since iproute2 5.1. Older ip prints the keys: scrub any long hex run on the
+    # host itself so that key material never leaves it (SPIs and counters are at most 16 hex digits).
+    if ip xfrm state list nokeys 2>/dev/null; then
+        return 0
+    fi
+    echo "ip xfrm state: nokeys unsupported, scrubbing" >&2
+    ip xfrm state list | sed -e 's/0x[0-9a-fA-F]\{17,\}/<<Keys hidden>>/g' -e '/^[[:space:]]*[0-9a-fA-F]\{17,\}/d'
+}
+
+detect_stack() {
+    if has swanctl && vici_answers; then
+        echo swanctl
+    elif has ipsec && stroke_answers; then
+        echo stroke
+    elif has swanctl; then
+        echo swanctl
+    elif has ipsec; then
+        echo stroke
+    else
+        echo none
+    fi
+}
+
+echo "@@meta"
+echo "format=1"
+echo "host=$(uname -n)"
+echo "time=$(date +%s)"
+
+STACK=$(detect_stack)
+echo "@@stack"
+echo "$STACK"
+
+echo "@@charon"
+echo "running=$(yes_no charon_running)"
+echo "vici=$(yes_no vici_answers)"
+echo "stroke=$(yes_no stroke_answers)"
+
+echo "@@latch"
+if [ -e "$LATCH" ]; then
+    echo "latched=yes"
+    echo "marker=$(head -c 1000 "$LATCH" 2>/dev/null | tr '\n|' '  ')"
+else
+    echo "latched=no"
+fi
+
+case $STACK in
+    swanctl)
+        run swanctl swanctl --list-sas --noblock --pretty
+        run swanctl-conns swanctl --list-conns --pretty
+        ;;
+    stroke)
+        run statusall stroke_statusall
+        ;;
+esac
+
+if has ip; then
+    run xfrm-state xfrm_state
+    run xfrm-policy ip xfrm policy list
+fi
+if [ -r /proc/net/xfrm_stat ]; then
+    run xfrm-stat cat /proc/net/xfrm_stat
+fi
+
+echo "@@exit"
+printf '%s' "$EXITS"
+exit 0
