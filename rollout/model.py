@@ -87,7 +87,7 @@ class SshSettings:
 
     def merged(self, **overrides: object) -> SshSettings:
         values = {k: v for k, v in overrides.items() if v is not None}
-        return SshSettings(**{**self.__dict__, **values})  # type: ignore[arg-type]
+        return SshSettings(**{**self.__dict__, **values})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -180,6 +180,7 @@ class PairingRule:
     b: Selector
     same_cluster: bool = True  # pair only hosts of one cluster (the default; cross-cluster must be asked for)
     allow_same_site: bool = False
+    source: str = ""  # the file that defined it (for messages)
 
 
 @dataclass(frozen=True, kw_only=True)
