@@ -385,7 +385,8 @@ class SshTransport:
             finally:
                 agent.close()
         tried_text = ", ".join(tried) or "nothing"
-        raise errors.HostUnreachable(endpoint.alias, f"authentication as {endpoint.user!r} failed (tried: {tried_text})")
+        raise errors.HostUnreachable(endpoint.alias,
+                                     f"authentication as {endpoint.user!r} failed (tried: {tried_text})")
 
     def _identity(self, endpoint: Endpoint, path: str) -> paramiko.PKey | None:
         with self._lock:
