@@ -1,0 +1,113 @@
+"""Starting and stopping the UML kernels, one per lab host."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from rollout.errors import LabError
+from rollout.lab.host import LabHost
+from rollout.lab.paths import LabPaths
+from rollout.lab.proc import cmdline, kill_group, netns_argv, pid_alive, uml_pids, wait_gone
+from rollout.lab.spec import HostSpec, LabSpec
+
+UML_BINARY = "linux.uml"
+
+
+def uml_binary() -> str:
+    found = shutil.which(UML_BINARY) or shutil.which(UML_BINARY, path="/usr/bin")
+    if not found:
+        raise LabError("linux.uml not found", hint="apt-get install user-mode-linux")
+    return found
+
+
+def kernel_argv(paths: LabPaths, spec: LabSpec, host: HostSpec) -> list[str]:
+    """The UML command line: the machine's / read-only through hostfs, our init, one vector NIC."""
+    return [
+        uml_binary(), f"mem={spec.mem_mb}M", f"umid={host.short}", f"uml_dir={paths.uml_dir}",
+        "root=/dev/root", "rootfstype=hostfs", "rootflags=/", "ro", f"init={paths.init_script}",
+        "con=null", "con0=null,fd:1", "ssl=null",
+        f"vec0:transport=tap,ifname={host.tap},mac={host.mac}",
+        f"lab.state={paths.root}", f"lab.host={host.short}",
+    ]
+
+
+def recorded_pid(paths: LabPaths, short: str) -> int | None:
+    try:
+        return int(paths.pid_file(short).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def host_running(paths: LabPaths, short: str) -> int | None:
+    """The host's kernel PID if it is alive and really is this lab's kernel for this host."""
+    pid = recorded_pid(paths, short)
+    if pid is None or not pid_alive(pid):
+        return None
+    argv = cmdline(pid)
+    if f"uml_dir={paths.uml_dir}" not in argv or f"umid={short}" not in argv:
+        return None
+    return pid
+
+
+def start_host(paths: LabPaths, spec: LabSpec, host: HostSpec) -> int:
+    """Boot one UML kernel in its own session (so it can be stopped by process group); record its PID."""
+    shutil.rmtree(paths.uml_dir / host.short, ignore_errors=True)
+    for stale in paths.ctl_dir(host.short).iterdir():
+        stale.unlink()
+    console = paths.console(host.short).open("wb")
+    with console:
+        proc = subprocess.Popen(
+            netns_argv(spec.netns, kernel_argv(paths, spec, host)), stdin=subprocess.DEVNULL,
+            stdout=console, stderr=subprocess.STDOUT, start_new_session=True, cwd=paths.root,
+        )
+    paths.pid_file(host.short).write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
+def stop_host(paths: LabPaths, short: str) -> None:
+    pid = host_running(paths, short)
+    if pid is not None:
+        kill_group(pid)
+        wait_gone([pid], 10.0)
+    paths.pid_file(short).unlink(missing_ok=True)
+
+
+def stop_all(paths: LabPaths, shorts: Sequence[str]) -> list[int]:
+    """Kill every recorded kernel, then anything else started with this state dir; return leftovers."""
+    for short in shorts:
+        pid = host_running(paths, short)
+        if pid is not None:
+            kill_group(pid)
+    for pid in uml_pids(paths.uml_dir):
+        kill_group(pid)
+    deadline = time.monotonic() + 15.0
+    left = uml_pids(paths.uml_dir)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = uml_pids(paths.uml_dir)
+    for short in shorts:
+        paths.pid_file(short).unlink(missing_ok=True)
+    return left
+
+
+def wait_ready(hosts: Sequence[LabHost], timeout: float,
+               on_ready: Callable[[LabHost, float], None] | None = None) -> dict[str, float | None]:
+    """Poll each host's sshd (strict host keys) until it answers; return seconds to ready (None = never)."""
+    started = time.monotonic()
+
+    def one(host: LabHost) -> float | None:
+        while time.monotonic() - started < timeout:
+            if host.reachable(timeout=min(15.0, max(2.0, timeout - (time.monotonic() - started)))):
+                elapsed = time.monotonic() - started
+                if on_ready:
+                    on_ready(host, elapsed)
+                return elapsed
+            time.sleep(0.5)
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(hosts)))) as pool:
+        return dict(zip([h.short for h in hosts], pool.map(one, hosts), strict=True))
