@@ -5,7 +5,7 @@
 # Prints sections, each introduced by a line `@@<name>`; rollout/health.py parses them:
 #   @@meta           format=, host=, time= (epoch seconds)
 #   @@stack          swanctl | stroke | none
-#   @@charon         running=yes|no, vici=yes|no, stroke=yes|no
+#   @@charon         running=yes|no, vici=yes|no (swanctl --stats answered)
 #   @@latch          latched=yes|no [, marker=<the marker file's content on one line>]
 #   @@swanctl        swanctl --list-sas --noblock --pretty      (swanctl stack)
 #   @@swanctl-conns  swanctl --list-conns --pretty              (swanctl stack)
@@ -54,10 +54,6 @@ vici_answers() {
     has swanctl && swanctl --stats >/dev/null 2>&1
 }
 
-stroke_answers() {
-    [ -S /run/charon.ctl ] || [ -S /var/run/charon.ctl ]
-}
-
 stroke_statusall() {
     if [ -x /usr/lib/ipsec/stroke ]; then
         /usr/lib/ipsec/stroke statusall-nb   # non-blocking, as Wikimedia's check did
@@ -77,10 +73,11 @@ xfrm_state() {
 }
 
 detect_stack() {
-    if has swanctl && vici_answers; then
-        echo swanctl
-    elif has ipsec && stroke_answers; then
-        echo stroke
+    # vici lists every IKE_SA whatever loaded its config, so swanctl wins wherever it is installed;
+    # stroke (`ipsec statusall`) is for hosts without it (Debian jessie, Ubuntu trusty).
+    # IPSEC_ROLLOUT_STACK=stroke|swanctl forces one (tests, odd hosts).
+    if [ -n "${IPSEC_ROLLOUT_STACK:-}" ]; then
+        echo "$IPSEC_ROLLOUT_STACK"
     elif has swanctl; then
         echo swanctl
     elif has ipsec; then
@@ -102,7 +99,6 @@ echo "$STACK"
 echo "@@charon"
 echo "running=$(yes_no charon_running)"
 echo "vici=$(yes_no vici_answers)"
-echo "stroke=$(yes_no stroke_answers)"
 
 echo "@@latch"
 if [ -e "$LATCH" ]; then
