@@ -58,6 +58,7 @@ class MaterialCopy:
 class RenderedHost:
     fqdn: str
     stack: model.Stack
+    flavour: model.OsFlavour
     enforce: bool
     settings: ResolvedSettings
     connections: tuple[model.Connection, ...]
@@ -88,7 +89,7 @@ def render_host(fleet: model.Fleet, pairs: tuple[model.Pair, ...], fqdn: str, *,
         files = _swanctl_files(flavour, ctx, views, settings)
     else:
         files = _stroke_files(flavour, ctx, views, settings)
-    return RenderedHost(fqdn=fqdn, stack=flavour.stack, enforce=enforce, settings=settings,
+    return RenderedHost(fqdn=fqdn, stack=flavour.stack, flavour=flavour, enforce=enforce, settings=settings,
                         connections=conns, files=files, material=_material(fleet, host, flavour))
 
 
