@@ -113,7 +113,7 @@ class Playbook:
     name: str
     description: str = ""
     stages: tuple[Stage, ...]
-    source: str = ""  # the file it came from (messages only; never part of a digest)
+    source: str = field(default="", compare=False)  # the file it came from (messages only; not digested)
 
 
 # --------------------------------------------------------------------------------------------
