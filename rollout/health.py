@@ -479,7 +479,7 @@ class HostHealth:
 def judge_host(obs: HostObservation, expected: Iterable[Connection],
                enabled_hosts: Collection[str] | None = None) -> HostHealth:
     """Judge every expected connection of `obs.host`. `enabled_hosts`: FQDNs that already run the
-    rollout's config (None = all): a broken connection to a peer not in it is `waiting-for-peer`."""
+    rollout's config (None = all): a broken connection with an end not in it is `waiting-for-peer`."""
     conns = tuple(sorted(expected, key=lambda c: c.name))
     results = tuple(judge_conn(obs, c, enabled_hosts) for c in conns)
     names = {c.name for c in conns}
@@ -525,8 +525,11 @@ def judge_conn(obs: HostObservation, conn: Connection,
     if obs.latched:
         return replace(base, verdict=Verdict.LATCHED, detail="latched by ipsec-kill")
     verdict, detail, child = _ipsec_verdict(obs, conn.name)
-    if verdict.failed and enabled_hosts is not None and conn.peer not in enabled_hosts:
-        return replace(base, verdict=Verdict.WAITING_FOR_PEER, detail=f"{verdict.value}; peer not enabled")
+    if verdict.failed and enabled_hosts is not None:
+        idle = [h for h in (conn.peer, conn.local) if h not in enabled_hosts]
+        if idle:
+            who = "peer" if idle[0] == conn.peer else "host"
+            return replace(base, verdict=Verdict.WAITING_FOR_PEER, detail=f"{verdict.value}; {who} not enabled")
     return replace(base, verdict=verdict, detail=detail, child=child)
 
 
