@@ -529,7 +529,8 @@ def judge_conn(obs: HostObservation, conn: Connection,
         idle = [h for h in (conn.peer, conn.local) if h not in enabled_hosts]
         if idle:
             who = "peer" if idle[0] == conn.peer else "host"
-            return replace(base, verdict=Verdict.WAITING_FOR_PEER, detail=f"{verdict.value}; {who} not enabled")
+            detail = f"{verdict.value}; {who} not enabled"
+            return replace(base, verdict=Verdict.WAITING_FOR_PEER, detail=detail)
     return replace(base, verdict=verdict, detail=detail, child=child)
 
 

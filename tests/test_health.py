@@ -59,7 +59,8 @@ def test_fixtures_and_parsed_values_hold_no_key_material(name: str) -> None:
 def test_swanctl_child_fields() -> None:
     obs = observe("traffic-after-cp1001.txt")
     (child,) = obs.children("cp2001_v4")
-    assert (child.state, child.mode, child.spi_in, child.spi_out) == ("INSTALLED", "TUNNEL", "5669c82c", "5aa94fbd")
+    assert (child.state, child.mode) == ("INSTALLED", "TUNNEL")
+    assert (child.spi_in, child.spi_out) == ("5669c82c", "5aa94fbd")
     assert (child.bytes_in, child.bytes_out, child.packets_in, child.packets_out) == (588, 588, 7, 7)
     assert obs.configured == ("cp2001_v4", "cp2001_v6")
     assert obs.charon_up and obs.stack == "swanctl" and not obs.latched
@@ -68,7 +69,8 @@ def test_swanctl_child_fields() -> None:
 def test_stroke_statusall_fields() -> None:
     obs = observe("stroke-wrong-mode-tunnel.txt")
     (child,) = obs.children("cp2001_v6")
-    assert (child.state, child.mode, child.spi_in, child.spi_out) == ("INSTALLED", "TUNNEL", "38fe7d5f", "3a830bc2")
+    assert (child.state, child.mode) == ("INSTALLED", "TUNNEL")
+    assert (child.spi_in, child.spi_out) == ("38fe7d5f", "3a830bc2")
     assert (child.bytes_in, child.packets_in, child.bytes_out, child.packets_out) == (312, 3, 312, 3)
     assert obs.ikes("cp2001_v6")[0].local_host == "fd99::1"
     assert obs.configured == ("cp2001_v4", "cp2001_v6")
@@ -96,14 +98,16 @@ def test_pretty_values_with_spaces_and_equals() -> None:
 def test_xfrm_policies_skip_socket_policies() -> None:
     obs = observe("swanctl-ok.txt")
     assert obs.policy_count() == 4 and obs.policy_count("out") == 2 and obs.policy_count("in") == 2
-    assert health.parse_xfrm_policy("src 0.0.0.0/0 dst 0.0.0.0/0 \n\tsocket in priority 0 ptype main \n") == ()
+    socket_only = "src 0.0.0.0/0 dst 0.0.0.0/0 \n\tsocket in priority 0 ptype main \n"
+    assert health.parse_xfrm_policy(socket_only) == ()
 
 
 def test_xfrm_state_with_keys_keeps_only_identity() -> None:
     text = ("src 10.0.0.1 dst 10.0.0.2\n\tproto esp spi 0x00c0ffee reqid 1 mode transport\n"
             "\taead rfc4106(gcm(aes)) 0x" + "ab" * 36 + " 128\n")
     (state,) = health.parse_xfrm_state(text)
-    assert state == health.XfrmState(src="10.0.0.1", dst="10.0.0.2", proto="esp", spi="00c0ffee", mode="transport")
+    assert state == health.XfrmState(src="10.0.0.1", dst="10.0.0.2", proto="esp", spi="00c0ffee",
+                                     mode="transport")
     assert not KEYS.search(repr(state))
 
 
@@ -147,7 +151,8 @@ def test_pair_ok_and_spis_cross_match() -> None:
 
 def test_pair_spi_mismatch_fails() -> None:
     peer = observe("swanctl-ok-peer.txt")
-    stale = health.parse_collect((DATA / "swanctl-ok-peer.txt").read_text().replace("5669c82c", "0badf00d"), host=B)
+    text = (DATA / "swanctl-ok-peer.txt").read_text()
+    stale = health.parse_collect(text.replace("5669c82c", "0badf00d"), host=B)
     ph = health.judge_pair(observe("swanctl-ok.txt"), stale, PAIR)
     assert not ph.ok and ph.failed
     assert [f.family for f in ph.families if not f.spis_match] == ["v4"]
@@ -185,7 +190,8 @@ def test_traffic_after_rekey_needs_both_counters_of_the_new_sa() -> None:
     # right after the rekey the new CHILD_SA has counted nothing yet
     assert not health.traffic_rose(observe("traffic-after-cp1001.txt"), observe("rekey-overlap-cp1001.txt"),
                                    "cp2001_v4")
-    assert not health.traffic_rose(observe("swanctl-not-conn.txt"), observe("swanctl-not-conn.txt"), "cp2001_v4")
+    down = observe("swanctl-not-conn.txt")
+    assert not health.traffic_rose(down, down, "cp2001_v4")
 
 
 def test_xfrm_out_nostates_delta() -> None:
