@@ -320,7 +320,7 @@ class _Runner:
         self.done: queue.SimpleQueue[tuple[_Job, HostResult | None]] = queue.SimpleQueue()
         self.results: dict[str, HostResult] = {}
         self.last_error: dict[str, str] = {}
-        self.running: set[str] = set()  # hosts whose command is executing right now
+        self.attempted: set[str] = set()  # hosts a command was started for (at least once)
 
     def run(self) -> dict[str, HostResult]:
         workers = [threading.Thread(target=self._work, daemon=True, name=f"kill-{i}")
@@ -357,7 +357,8 @@ class _Runner:
         if remaining <= 0:
             self.last_error[job.fqdn] = "deadline reached before the attempt"
             return None
-        self.running.add(job.fqdn)
+        self.attempted.add(job.fqdn)
+        self.last_error.pop(job.fqdn, None)
         try:
             timeout = min(self.options.command_timeout, remaining)
             output = self.transport.run(host, self.command, timeout=timeout)
@@ -372,8 +373,6 @@ class _Runner:
         except Exception as exc:  # one host's surprise must not lose the others
             return HostResult(fqdn=job.fqdn, outcome=Outcome.FAILED, attempts=job.attempt,
                               detail=f"internal error: {type(exc).__name__}: {exc}")
-        finally:
-            self.running.discard(job.fqdn)
         return judge(job.fqdn, output, self.options.rearm, job.attempt)
 
     def _settle(self, job: _Job, result: HostResult | None) -> None:
@@ -389,12 +388,19 @@ class _Runner:
             self.on_result(final)
 
     def _finish(self) -> dict[str, HostResult]:
+        while True:  # keep what finished right at the deadline
+            try:
+                job, result = self.done.get_nowait()
+            except queue.Empty:
+                break
+            if job.fqdn not in self.results:
+                self._settle(_Job(0, job.fqdn, max(job.attempt, self.options.retries + 1)), result)
         for fqdn in self.hosts:
             if fqdn not in self.results:
-                running = fqdn in self.running
-                why = "still running" if running else self.last_error.get(fqdn, "not reached in time")
+                ran = fqdn in self.attempted and fqdn not in self.last_error
+                why = "the script was still running" if ran else self.last_error.get(fqdn, "not reached")
                 self._settle(_Job(0, fqdn, self.options.retries + 1), HostResult(
-                    fqdn=fqdn, outcome=Outcome.FAILED if running else Outcome.UNREACHABLE,
+                    fqdn=fqdn, outcome=Outcome.FAILED if ran else Outcome.UNREACHABLE,
                     detail=f"global deadline ({self.options.deadline:g} s) reached; {why}"))
         return self.results
 
