@@ -37,8 +37,10 @@ overlay() {
 }
 
 mount_state() {
-    mkdir -p /run/lab/state
+    mkdir -p /run/lab/state /run/lab/machine
     mount -t hostfs -o "$STATE" hostfs /run/lab/state
+    # The machine's pristine /, for `lab reset` to restore files a test replaced in /etc.
+    mount -r -t hostfs -o / hostfs /run/lab/machine
 }
 
 setup_modprobe() {
@@ -63,6 +65,8 @@ load_modules() {
 setup_identity() {
     hostname "$LAB_SHORT"
     echo "$LAB_SHORT" > /etc/hostname
+    mkdir -p /etc/lab
+    echo "$LAB_FQDN" > /etc/lab/fqdn
     cp "$HOSTDIR/hosts" /etc/hosts
     rm -f /etc/resolv.conf
     : > /etc/resolv.conf

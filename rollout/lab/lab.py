@@ -17,6 +17,7 @@ from rollout.lab.host import LabHost
 from rollout.lab.inventory import write_inventory
 from rollout.lab.material import prepare_state_dir
 from rollout.lab.paths import LabPaths, default_state_dir
+from rollout.lab.playbook import write_playbook
 from rollout.lab.spec import DEFAULT_NETNS, LabSpec, build_spec
 
 Progress = Callable[[str], None]
@@ -163,7 +164,7 @@ def up(spec: LabSpec | None = None, *, state_dir: Path | str | None = None,
         net.ensure_network(spec)
         _boot_missing(lab, boot_timeout, progress)
         write_inventory(spec, paths)
-        _maybe_write_playbook(lab)
+        write_playbook(spec, paths)
         progress(f"lab up: {len(spec.hosts)} hosts; inventory {paths.inventory_file}")
         return lab
 
@@ -195,14 +196,6 @@ def _wait_or_fail(lab: Lab, hosts: Sequence[LabHost], timeout: float) -> None:
             f"lab hosts not reachable over SSH after {timeout:.0f} s: {names}",
             hint=f"see {lab.paths.console(late[0].short)}; `ipsec-rollout lab up` again restarts "
                  "only those hosts; `ipsec-rollout lab down` stops everything")
-
-
-def _maybe_write_playbook(lab: Lab) -> None:
-    """A lab playbook, once rollout.playbook defines the schema (see rollout.lab.playbook)."""
-    with contextlib.suppress(ImportError):
-        from rollout.lab.playbook import write_playbook
-
-        write_playbook(lab.spec, lab.paths)
 
 
 def down(state_dir: Path | str | None = None, *, netns: str | None = None, purge: bool = False,

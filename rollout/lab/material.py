@@ -83,7 +83,7 @@ def _ensure_cert(paths: LabPaths, host: HostSpec) -> None:
     if not cert.exists():
         _pki(["--issue", "--lifetime", "730", "--in", str(key), "--type", "ecdsa",
               "--cacert", str(paths.ca_dir / "ca.pem"), "--cakey", str(paths.ca_dir / "ca.key"),
-              "--dn", f"C=XX, O=ipsec-rollout lab, CN={host.fqdn}", "--san", host.fqdn,
+              "--dn", f"CN={host.fqdn}", "--san", host.fqdn,
               "--san", str(host.ipv4), "--san", str(host.ipv6),
               "--flag", "serverAuth", "--flag", "clientAuth"], cert)
     _write(pdir / "ca.pem", (paths.ca_dir / "ca.pem").read_text())
