@@ -8,19 +8,25 @@ Use it from any test module (tests/conftest.py loads this plugin):
         fleet = lab.fleet()                  # the lab inventory, loaded by rollout.inventory
 
     @pytest.mark.lab
-    def test_other(clean_lab):               # the same handle, reset before and after the test
+    def test_other(clean_lab):               # the same handle, reset before and after the test,
+                                             # holding the lab's exclusive lock meanwhile
 
 Environment: ROLLOUT_SKIP_LAB=1 skips every lab test; ROLLOUT_KEEP_LAB=1 leaves the lab running at the
 end; ROLLOUT_LAB_DIR picks the state dir. A lab that is already up (e.g. `ipsec-rollout lab up`) is
 reused and left running; a lab this session booted is torn down at the end unless another session
 still uses it (they hold a shared lock on <state>/.users).
+
+Several test sessions (other people's) may share one lab: a test that changes hosts should hold
+`lab.exclusive()` (clean_lab does) so that two sessions never reconfigure the same hosts at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +34,7 @@ from typing import Any
 
 import pytest
 
+EXCLUSIVE_TIMEOUT = float(os.environ.get("ROLLOUT_LAB_LOCK_TIMEOUT", "1800"))
 REQUIRED_TOOLS = ("linux.uml", "ip", "tcpdump", "ssh", "ssh-keygen", "pki", "busybox", "modprobe")
 
 
@@ -83,6 +90,24 @@ class LabHandle:
         from rollout import inventory
 
         return inventory.load_dir(self.inventory_dir)
+
+    @contextlib.contextmanager
+    def exclusive(self, timeout: float = EXCLUSIVE_TIMEOUT) -> Iterator[LabHandle]:
+        """Hold the lab alone (across test sessions) while changing its hosts."""
+        with (self.state_dir / ".exclusive").open("a") as handle:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        pytest.fail(f"another test session held {self.state_dir}/.exclusive for {timeout:.0f} s")
+                    time.sleep(1.0)
+            try:
+                yield self
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def reset(self, names: Iterable[str] | None = None) -> None:
         """No faults, no IPsec config/SAs/policies/latch, charon enabled and running."""
@@ -140,7 +165,8 @@ def lab() -> Iterator[LabHandle]:
 
 @pytest.fixture
 def clean_lab(lab: LabHandle) -> Iterator[LabHandle]:
-    """The shared lab, reset before and after the test."""
-    lab.reset()
-    yield lab
-    lab.reset()
+    """The shared lab, held exclusively and reset before and after the test."""
+    with lab.exclusive():
+        lab.reset()
+        yield lab
+        lab.reset()

@@ -15,7 +15,8 @@ from rollout import lab as labmod
 from rollout.cli import app
 from rollout.errors import LabError
 from rollout.lab import faults, probe
-from rollout.lab.spec import DEFAULT_CLUSTERS, DEFAULT_NETNS, DEFAULT_SITES
+from rollout.lab.paths import default_netns
+from rollout.lab.spec import DEFAULT_CLUSTERS, DEFAULT_SITES
 
 lab_app = typer.Typer(help="The User-Mode-Linux lab: real kernels with ESP in a private network namespace.",
                       no_args_is_help=True)
@@ -46,7 +47,8 @@ def up(
         help="Hosts per site and cluster (default 2).")] = None,
     clusters: Annotated[str | None, typer.Option(
         help="Comma-separated clusters (default cache_text).")] = None,
-    netns: Annotated[str | None, typer.Option(help=f"Network namespace (default {DEFAULT_NETNS}).")] = None,
+    netns: Annotated[str | None, typer.Option(
+        help="Network namespace (default $ROLLOUT_LAB_NETNS or ipsec-lab).")] = None,
     mem: Annotated[int | None, typer.Option(help="Guest memory in MiB (default 128).")] = None,
     boot_timeout: Annotated[float, typer.Option(help="Seconds to wait for every sshd.")] = 240.0,
 ) -> None:
@@ -57,7 +59,7 @@ def up(
     spec = None
     if any(v is not None for v in (sites, hosts_per_cluster, clusters, netns, mem)):
         spec = labmod.build_spec(_csv(sites) or DEFAULT_SITES, hosts_per_cluster=hosts_per_cluster or 2,
-                                 clusters=_csv(clusters) or DEFAULT_CLUSTERS, netns=netns or DEFAULT_NETNS,
+                                 clusters=_csv(clusters) or DEFAULT_CLUSTERS, netns=netns or default_netns(),
                                  mem_mb=mem or 128)
     lab = labmod.up(spec, state_dir=state_dir, boot_timeout=boot_timeout, progress=_say)
     console.print(f"[green]lab up[/]: {len(lab.spec.hosts)} hosts in namespace {lab.netns}")

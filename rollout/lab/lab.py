@@ -16,9 +16,9 @@ from rollout.lab import boot, net
 from rollout.lab.host import LabHost
 from rollout.lab.inventory import write_inventory
 from rollout.lab.material import prepare_state_dir
-from rollout.lab.paths import LabPaths, default_state_dir
+from rollout.lab.paths import LabPaths, default_netns, default_state_dir
 from rollout.lab.playbook import write_playbook
-from rollout.lab.spec import DEFAULT_NETNS, LabSpec, build_spec
+from rollout.lab.spec import LabSpec, build_spec
 
 Progress = Callable[[str], None]
 DEFAULT_BOOT_TIMEOUT = 240.0
@@ -141,7 +141,7 @@ def _choose_spec(paths: LabPaths, wanted: LabSpec | None) -> LabSpec:
     """The requested layout, else the recorded one, else the default; refuse to mix layouts."""
     recorded = load(paths.root).spec if paths.spec_file.exists() else None
     if wanted is None:
-        return recorded or build_spec()
+        return recorded or build_spec(netns=default_netns())
     if recorded is not None and recorded != wanted and _running(paths, recorded):
         raise LabError(f"a lab with another layout is running from {paths.root}",
                        hint=f"ipsec-rollout lab down --state-dir {paths.root}, then lab up again")
@@ -161,7 +161,7 @@ def up(spec: LabSpec | None = None, *, state_dir: Path | str | None = None,
         progress(f"preparing {paths.root} (keys, certificates)")
         prepare_state_dir(paths, spec)
         paths.spec_file.write_text(spec.to_json())
-        net.ensure_network(spec)
+        net.ensure_network(spec, paths.root)
         _boot_missing(lab, boot_timeout, progress)
         write_inventory(spec, paths)
         write_playbook(spec, paths)
@@ -205,14 +205,13 @@ def down(state_dir: Path | str | None = None, *, netns: str | None = None, purge
     with _locked(paths):
         spec = LabSpec.from_json(paths.spec_file.read_text()) if paths.spec_file.exists() else None
         shorts = [h.short for h in spec.hosts] if spec else _host_dirs(paths)
-        namespace = netns or (spec.netns if spec else DEFAULT_NETNS)
+        namespace = netns or (spec.netns if spec else default_netns())
         if spec:
             Lab(paths=paths, spec=spec).close()
         running = tuple(s for s in shorts if boot.host_running(paths, s) is not None)
         progress(f"stopping {len(running)} host(s)")
         left = boot.stop_all(paths, shorts)
-        net.destroy_network(namespace)
-        removed = not net.netns_exists(namespace)
+        removed = net.release_network(namespace, paths.root)
         if purge and not left:
             shutil.rmtree(paths.root, ignore_errors=True)
     report = DownReport(stopped=running, leftover_pids=tuple(left), netns_removed=removed)

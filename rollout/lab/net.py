@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rollout.errors import LabError
-from rollout.lab.proc import run
+from rollout.lab.paths import OWNERS_DIR
+from rollout.lab.proc import run, uml_pids
 from rollout.lab.spec import HostSpec, LabSpec
 
 
@@ -16,10 +19,37 @@ def link_exists(netns: str, link: str) -> bool:
     return run(["ip", "-n", netns, "link", "show", "dev", link], check=False).returncode == 0
 
 
-def ensure_network(spec: LabSpec) -> None:
+def owner(netns: str) -> Path | None:
+    """The state dir of the lab that created this namespace, if recorded."""
+    try:
+        return Path((OWNERS_DIR / f"{netns}.owner").read_text().strip())
+    except OSError:
+        return None
+
+
+def _claim(netns: str, root: Path) -> None:
+    OWNERS_DIR.mkdir(parents=True, exist_ok=True)
+    (OWNERS_DIR / f"{netns}.owner").write_text(f"{root}\n")
+
+
+def _check_owner(netns: str, root: Path) -> None:
+    """Refuse to share a namespace with another lab that still runs; take over an abandoned one."""
+    other = owner(netns)
+    if other is None or other == root or not netns_exists(netns):
+        return
+    if uml_pids(other / "uml"):
+        raise LabError(f"namespace {netns} belongs to the running lab in {other}",
+                       hint="use another namespace (--netns / $ROLLOUT_LAB_NETNS), or "
+                            f"`ipsec-rollout lab down --state-dir {other}`")
+    destroy_network(netns)
+
+
+def ensure_network(spec: LabSpec, root: Path) -> None:
     """Create the namespace and bridge if missing. No default route: nothing can leave the lab."""
+    _check_owner(spec.netns, root)
     if not netns_exists(spec.netns):
         run(["ip", "netns", "add", spec.netns])
+    _claim(spec.netns, root)
     ns = ["ip", "-n", spec.netns]
     run([*ns, "link", "set", "lo", "up"])
     if not link_exists(spec.netns, spec.bridge):
@@ -51,3 +81,14 @@ def destroy_network(netns: str) -> None:
     """Delete the namespace (its bridge and taps go with it)."""
     if netns_exists(netns):
         run(["ip", "netns", "del", netns])
+    (OWNERS_DIR / f"{netns}.owner").unlink(missing_ok=True)
+
+
+def release_network(netns: str, root: Path) -> bool:
+    """Delete the namespace if this lab owns it (or nobody is recorded); True if it no longer exists
+    or belongs to another lab (which we must not touch)."""
+    other = owner(netns)
+    if other is not None and other != root and netns_exists(netns):
+        return True
+    destroy_network(netns)
+    return not netns_exists(netns)

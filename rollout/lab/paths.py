@@ -8,11 +8,18 @@ from pathlib import Path
 
 DEFAULT_STATE_DIR = "/var/lib/ipsec-rollout-lab"
 STATE_DIR_ENV = "ROLLOUT_LAB_DIR"
+NETNS_ENV = "ROLLOUT_LAB_NETNS"
+OWNERS_DIR = Path("/run/ipsec-rollout-lab")  # which state dir owns which namespace (gone at reboot)
 
 
 def default_state_dir() -> Path:
     """$ROLLOUT_LAB_DIR, else /var/lib/ipsec-rollout-lab."""
     return Path(os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR).absolute()
+
+
+def default_netns() -> str:
+    """$ROLLOUT_LAB_NETNS, else ipsec-lab (a second lab on the machine needs its own namespace)."""
+    return os.environ.get(NETNS_ENV) or "ipsec-lab"
 
 
 @dataclass(frozen=True)
