@@ -102,7 +102,7 @@ class LabHandle:
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
-                        pytest.fail(f"another test session held {self.state_dir}/.exclusive for {timeout:.0f} s")
+                        pytest.fail(f"another session held {self.state_dir}/.exclusive for {timeout:.0f} s")
                     time.sleep(1.0)
             try:
                 yield self
