@@ -356,10 +356,14 @@ class SshTransport:
         transport.handshake_timeout = endpoint.connect_timeout
         transport.auth_timeout = endpoint.connect_timeout
         try:
-            transport.start_client(timeout=endpoint.connect_timeout)
+            transport.start_client(timeout=endpoint.connect_timeout)  # returns quietly on timeout
+            server_key = transport.get_remote_server_key() if transport.host_key is not None else None
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise errors.HostUnreachable(endpoint.alias, f"SSH handshake failed: {exc}") from exc
-        _verify_host_key(endpoint, transport.get_remote_server_key(), expected, known)
+        if server_key is None:
+            why = f"SSH handshake failed: no key exchange within {endpoint.connect_timeout:g} s"
+            raise errors.HostUnreachable(endpoint.alias, why)
+        _verify_host_key(endpoint, server_key, expected, known)
 
     def _known_hosts(self, files: tuple[str, ...]) -> KnownHosts:
         with self._lock:
@@ -424,12 +428,13 @@ class SshTransport:
             if stdin is not None:
                 channel.sendall(stdin.encode())
             channel.shutdown_write()
-            while not channel.status_event.wait(min(0.2, max(deadline - time.monotonic(), 0))):
-                _drain(channel, out, err)
-                if time.monotonic() >= deadline:
-                    raise errors.CommandTimeout(host.fqdn, f"command did not finish within {timeout:g} s")
-            _drain(channel, out, err)
+            _read_until_eof(channel, out, err, deadline)
+            if not channel.status_event.wait(max(deadline - time.monotonic(), 0)):
+                raise TimeoutError("no exit status")
+            _drain_stderr(channel, err)
             code = channel.recv_exit_status()
+        except TimeoutError as exc:
+            raise errors.CommandTimeout(host.fqdn, f"command did not finish within {timeout:g} s") from exc
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise errors.CommandTimeout(host.fqdn, f"connection lost while the command ran: {exc}") from exc
         finally:
@@ -438,9 +443,26 @@ class SshTransport:
                              duration=time.monotonic() - started)
 
 
-def _drain(channel: paramiko.Channel, out: list[bytes], err: list[bytes]) -> None:
-    while channel.recv_ready():
-        out.append(channel.recv(65536))
+def _read_until_eof(channel: paramiko.Channel, out: list[bytes], err: list[bytes], deadline: float) -> None:
+    """Read stdout to EOF (the exit status may arrive before the last output), keeping stderr drained
+    so a chatty stderr cannot stall the channel window."""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("command timeout")
+        channel.settimeout(min(remaining, 0.25))
+        try:
+            chunk = channel.recv(65536)
+        except TimeoutError:
+            _drain_stderr(channel, err)
+            continue
+        if not chunk:
+            return
+        out.append(chunk)
+        _drain_stderr(channel, err)
+
+
+def _drain_stderr(channel: paramiko.Channel, err: list[bytes]) -> None:
     while channel.recv_stderr_ready():
         err.append(channel.recv_stderr(65536))
 

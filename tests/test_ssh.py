@@ -48,7 +48,8 @@ def _keygen(path: Path) -> None:
 
 def _sshd_config(d: Path, port: int) -> str:
     return "\n".join([
-        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {d}/host_key", f"AuthorizedKeysFile {d}/authorized",
+        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {d}/host_key",
+        f"AuthorizedKeysFile {d}/authorized",
         "PermitRootLogin prohibit-password", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
         "UsePAM no", "UseDNS no", "PidFile none", "StrictModes no", "AllowTcpForwarding yes", ""])
 
@@ -72,10 +73,11 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
     Path("/run/sshd").mkdir(exist_ok=True)
     subprocess.run(["ip", "netns", "add", netns], check=True)
     subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
-    proc = subprocess.Popen(
-        ["ip", "netns", "exec", netns, "unshare", "-m", "sh", "-c",
-         f"mount --bind {d}/passwd /etc/passwd && exec /usr/sbin/sshd -D -e -f {d}/sshd_config"],
-        stdout=subprocess.DEVNULL, stderr=open(d / "sshd.log", "w"), start_new_session=True)
+    with open(d / "sshd.log", "w") as log:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", netns, "unshare", "-m", "sh", "-c",
+             f"mount --bind {d}/passwd /etc/passwd && exec /usr/sbin/sshd -D -e -f {d}/sshd_config"],
+            stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     try:
         _wait_port(netns, PORT)
         yield Sshd(netns=netns, dir=d, port=PORT, client_key=d / "client_key", known_hosts=d / "known_hosts")
