@@ -201,7 +201,8 @@ class SimFleet:
 
     def _conn_loaded(self, key: tuple[str, str, str]) -> bool:
         a, b, fam = key
-        return (self._conn(a, b, fam) in self.hosts[a].loaded and self._conn(b, a, fam) in self.hosts[b].loaded)
+        return (self._conn(a, b, fam) in self.hosts[a].loaded
+                and self._conn(b, a, fam) in self.hosts[b].loaded)
 
     def _peer_by_conn(self, h: SimHost, name: str) -> tuple[str, str]:
         short, fam = name.rsplit("_", 1)
