@@ -171,3 +171,7 @@ app.command(name="kill", help="Alias of ipsec-kill: turn host-to-host IPsec OFF 
 
 def main() -> None:
     sys.exit(run_guarded(lambda: kill_app(standalone_mode=True)))
+
+
+if __name__ == "__main__":
+    main()
