@@ -291,10 +291,7 @@ def parse_playbook(text: str, *, source: str = "<playbook>") -> Playbook:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise PlaybookError(f"{line}invalid YAML: {problem}", file=source,
+        raise PlaybookError(f"invalid YAML: {_yaml_problem(exc)}", file=source,
                             hint="fix the YAML syntax (indentation, quoting, ':' after keys)") from None
     if not isinstance(data, dict):
         raise PlaybookError("a playbook is a mapping with 'name' and 'stages'", file=source,
@@ -306,6 +303,17 @@ def parse_playbook(text: str, *, source: str = "<playbook>") -> Playbook:
     _check_unique_names(spec, source)
     _check_select_combinations(spec, source)
     return playbook_from_spec(spec, source=source)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return str(exc)
+    text = exc.problem or str(exc)
+    if exc.problem_mark is not None:
+        text = f"line {exc.problem_mark.line + 1}: {text}"
+    if exc.context and exc.context_mark is not None:
+        text += f" ({exc.context} at line {exc.context_mark.line + 1})"
+    return text
 
 
 def _check_unique_names(spec: _PlaybookSpec, source: str) -> None:
@@ -405,13 +413,15 @@ _HINTS = {
     "batch": "batch is a host count (e.g. 4) or a percentage of the stage (e.g. '25%')",
     "on_failure": "on_failure is 'rollback' or 'pause'",
     "tiers": "tiers are 'core' or 'edge'",
+    "stages": "a playbook needs at least one stage under 'stages:'",
     "timeout": "durations are seconds or strings like '30s', '5m', '1h'",
     "soak": "durations are seconds or strings like '30s', '5m', '1h'",
 }
 
 
 def _schema_error(exc: ValidationError, data: Mapping[str, Any], text: str, source: str) -> PlaybookError:
-    err = exc.errors()[0]
+    errors = exc.errors()
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])  # typos first
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p)))
     line = _line_of(text, loc)
     file = f"{source}:{line}" if line else source
