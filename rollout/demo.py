@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -60,25 +61,35 @@ class Tour:
         self.say = narrator
         self.evidence: list[Evidence] = []
         self.env = dict(os.environ)
+        self.env.setdefault("COLUMNS", "110")
         if options.state_dir:
             self.env["ROLLOUT_LAB_DIR"] = str(options.state_dir)
 
     # --- helpers ---------------------------------------------------------------------------------
 
     def run(self, argv: list[str], *, ok_codes: tuple[int, ...] = (0,), timeout: float = 1800) -> str:
+        """Run one real command, streaming its output as it comes (a tour, not a batch job)."""
         self.say.command(argv)
         started = time.monotonic()
-        proc = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout,
-                              check=False)
-        text = (proc.stdout + proc.stderr).rstrip()
-        if text:
-            self.say.output(text)
-        seconds = time.monotonic() - started
-        if proc.returncode not in ok_codes:
-            raise LabError(f"`{' '.join(argv[:3])} ...` exited {proc.returncode} after {seconds:.0f}s",
+        proc = subprocess.Popen(argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        watchdog = threading.Timer(timeout, proc.kill)
+        watchdog.start()
+        lines: list[str] = []
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line.rstrip("\n"))
+                self.say.output(lines[-1])
+            returncode = proc.wait()
+        finally:
+            watchdog.cancel()
+        if returncode not in ok_codes:
+            raise LabError(f"`{' '.join(argv[:3])} ...` exited {returncode} after "
+                           f"{time.monotonic() - started:.0f}s",
                            hint="the lab is left up for inspection: ipsec-rollout lab status; "
                                 "ipsec-rollout lab down when done")
-        return text
+        return "\n".join(lines)
 
     def prove(self, title: str, ok: bool, detail: str) -> None:
         self.evidence.append(Evidence(title=title, ok=ok, detail=detail))
