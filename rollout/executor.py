@@ -935,6 +935,11 @@ class _Gate:
         for fqdn, o in obs.items():
             if not o.reachable:
                 self.unreachable.add(fqdn)
+        latched = sorted(f for f, o in obs.items() if o.latched)
+        if latched:  # ipsec-kill reached these hosts mid-run: the kill switch owns them now
+            raise errors.KilledDuringApply(
+                f"host(s) latched off by ipsec-kill during the run: {', '.join(latched)}",
+                hint="nothing was rolled back; `ipsec-kill --rearm` then `ipsec-rollout resume RUN_ID`")
         self.pairs = [p for p in self.pairs if p.a not in self.unreachable and p.b not in self.unreachable]
         judged = [health.judge_pair(obs[p.a], obs[p.b], p) for p in self.pairs]
         bad = [_Bad(ph.pair, ph.failing_names()) for ph in judged if not ph.ok]

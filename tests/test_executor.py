@@ -541,3 +541,17 @@ def test_resume_after_crash_at_every_step_converges(fleet: Fleet, tmp_path: Path
         res = env.executor().resume(runs[0], plan_for(fleet))
         assert res.error is None, f"crash after {n}: {res.message}"
         assert env.sim.state() == final, f"crash after {n} mutations"
+
+
+def test_host_latched_during_gate_stops_as_killed(env: Env, fleet: Fleet) -> None:
+    original = env.sim.collect
+
+    def latch_then_collect(h: SimHost) -> str:
+        if env.sim.sas:
+            h.latched = True
+        return original(h)
+
+    env.sim.collect = latch_then_collect  # type: ignore[method-assign]
+    res = env.executor().apply(plan_for(fleet))
+    assert isinstance(res.error, errors.KilledDuringApply)
+    assert "latched" in res.message
