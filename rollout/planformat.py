@@ -251,7 +251,7 @@ def _md_stage(stage: StagePlan, number: int) -> list[str]:
         f"{len(stage.sa_waiting)} waiting for peer",
         "",
     ]
-    lines += _table(("SA up", "peer", "families"), grouped(stage.sa_up))
+    lines += _table(("up: host", "peer", "families"), grouped(stage.sa_up))
     if stage.sa_waiting:
         lines += ["", "Waiting for a peer not enabled yet (per enabled host):", ""]
         lines += _table(("host", "peers not enabled yet", "SAs waiting"), waiting_by_host(stage.sa_waiting))
