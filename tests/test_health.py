@@ -149,6 +149,13 @@ def test_pair_ok_and_spis_cross_match() -> None:
     assert ph.ok and not ph.failed and all(f.spis_match for f in ph.families)
 
 
+def test_lab_pair_ok_and_spis_cross_match() -> None:
+    lab = Pair(a="cp1001.core1.lab.example", b="cp2001.core2.lab.example", families=("v4", "v6"), rule="lab")
+    ph = health.judge_pair(observe("lab-ok-cp1001.txt"), observe("lab-ok-cp2001.txt"), lab)
+    assert ph.ok and all(f.spis_match for f in ph.families)
+    assert not health.judge_pair(observe("lab-no-xfrm-cp1001.txt"), observe("lab-ok-cp2001.txt"), lab).ok
+
+
 def test_pair_spi_mismatch_fails() -> None:
     peer = observe("swanctl-ok-peer.txt")
     text = (DATA / "swanctl-ok-peer.txt").read_text()

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import rollout.cli.monitor  # noqa: F401  (registers check/status on the app)
 from rollout import health, monitor, pairing
-from rollout.cli import _register, app
+from rollout.cli import app
 from rollout.errors import RolloutError
 from rollout.model import Cluster, Fleet, Host, IpsecSettings, PairingRule, Selector, Site, SshSettings, Tier
 from rollout.monitor import NagiosState
@@ -235,7 +236,6 @@ def inventory_dir(tmp_path: Path) -> Path:
 
 
 def run_cli(*args: str, stdin: str | None = None) -> tuple[int, str]:
-    _register()
     res = CliRunner().invoke(app, list(args), input=stdin)
     if isinstance(res.exception, RolloutError):  # what run_guarded turns into the exit code
         return int(res.exception.exit_code), str(res.exception)
