@@ -279,3 +279,17 @@ def test_collect_script_runs_here_read_only_and_without_keys() -> None:
     text = subprocess.run(["sh", str(script)], capture_output=True, text=True, timeout=60, check=False)
     assert "@@exit" in text.stdout and not KEYS.search(text.stdout + text.stderr)
     assert "failed to load" not in text.stderr
+
+
+def test_collect_script_never_lists_xfrm_state_with_keys() -> None:
+    script = (Path(monitor.__file__).parent / "remote" / "collect.sh").read_text()
+    lines = [line.strip() for line in script.splitlines()]
+    calls = [line for line in lines if "xfrm state" in line and not line.startswith("#")]
+    assert calls and all("nokeys" in c or "Keys hidden" in c or c.startswith("echo") for c in calls)
+    scrub = re.search(r"sed (-e '[^']*' ?)+", script)
+    assert scrub is not None
+    leaky = ("\tenc cbc(aes) 0x" + "0123456789abcdef" * 2 +
+             "\n\tproto esp spi 0x00c0ffee reqid 1 mode transport\n")
+    done = subprocess.run(["sh", "-c", scrub.group(0)], input=leaky, capture_output=True, text=True,
+                          check=True)
+    assert not KEYS.search(done.stdout) and "spi 0x00c0ffee" in done.stdout

@@ -20,6 +20,7 @@ PATH=/usr/local/sbin:/usr/sbin:/sbin:/usr/local/bin:/usr/bin:/bin
 LC_ALL=C
 export PATH LC_ALL
 LATCH=/etc/ipsec-rollout/latched
+LIMIT=${IPSEC_ROLLOUT_COLLECT_TIMEOUT:-20}   # seconds per command
 EXITS=""
 
 drop_noise() {
@@ -41,6 +42,11 @@ has() {
     command -v "$1" >/dev/null 2>&1
 }
 
+# bounded CMD...: a wedged charon must not hang the collector (or the monitoring that waits on it).
+bounded() {
+    if has timeout; then timeout -k 2 "$LIMIT" "$@"; else "$@"; fi
+}
+
 yes_no() {
     if "$@" >/dev/null 2>&1; then echo yes; else echo no; fi
 }
@@ -51,25 +57,25 @@ charon_running() {
 }
 
 vici_answers() {
-    has swanctl && swanctl --stats >/dev/null 2>&1
+    has swanctl && bounded swanctl --stats >/dev/null 2>&1
 }
 
 stroke_statusall() {
     if [ -x /usr/lib/ipsec/stroke ]; then
-        /usr/lib/ipsec/stroke statusall-nb   # non-blocking, as Wikimedia's check did
+        bounded /usr/lib/ipsec/stroke statusall-nb   # non-blocking, as Wikimedia's check did
     else
-        ipsec statusall
+        bounded ipsec statusall
     fi
 }
 
 xfrm_state() {
     # `nokeys` exists since iproute2 5.1. Older ip prints the keys: scrub any long hex run on the
     # host itself so that key material never leaves it (SPIs and counters are at most 16 hex digits).
-    if ip xfrm state list nokeys 2>/dev/null; then
+    if bounded ip xfrm state list nokeys 2>/dev/null; then
         return 0
     fi
     echo "ip xfrm state: nokeys unsupported, scrubbing" >&2
-    ip xfrm state list | sed -e 's/0x[0-9a-fA-F]\{17,\}/<<Keys hidden>>/g' -e '/^[[:space:]]*[0-9a-fA-F]\{17,\}/d'
+    bounded ip xfrm state list | sed -e 's/0x[0-9a-fA-F]\{17,\}/<<Keys hidden>>/g' -e '/^[[:space:]]*[0-9a-fA-F]\{17,\}/d'
 }
 
 detect_stack() {
@@ -110,8 +116,8 @@ fi
 
 case $STACK in
     swanctl)
-        run swanctl swanctl --list-sas --noblock --pretty
-        run swanctl-conns swanctl --list-conns --pretty
+        run swanctl bounded swanctl --list-sas --noblock --pretty
+        run swanctl-conns bounded swanctl --list-conns --pretty
         ;;
     stroke)
         run statusall stroke_statusall
@@ -120,7 +126,7 @@ esac
 
 if has ip; then
     run xfrm-state xfrm_state
-    run xfrm-policy ip xfrm policy list
+    run xfrm-policy bounded ip xfrm policy list
 fi
 if [ -r /proc/net/xfrm_stat ]; then
     run xfrm-stat cat /proc/net/xfrm_stat
