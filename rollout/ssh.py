@@ -238,7 +238,8 @@ class SshTransport:
     """`rollout.transport.Transport` over paramiko with strict host keys and cached connections."""
 
     def __init__(self, *, ssh_config: str | None = DEFAULT_SSH_CONFIG, agent: bool = True,
-                 keepalive: int = 30, system_known_hosts: Sequence[str] = SYSTEM_KNOWN_HOSTS) -> None:
+                 keepalive: int = 30, system_known_hosts: Sequence[str] = SYSTEM_KNOWN_HOSTS,
+                 max_handshakes: int | None = None) -> None:
         self._config_path = os.path.expanduser(ssh_config) if ssh_config else None
         self._config: paramiko.SSHConfig | None = None
         self._agent = agent
@@ -250,6 +251,8 @@ class SshTransport:
         self._keys: dict[str, paramiko.PKey] = {}
         self._netns: dict[str, NetnsSockets] = {}
         self._closed = False
+        # Key exchange + auth are CPU-bound on this side; hundreds at once only fight over the GIL.
+        self._handshakes = threading.BoundedSemaphore(max_handshakes) if max_handshakes else None
 
     # -- Transport protocol ----------------------------------------------------------------------
     def run(self, host: Host, command: str, *, timeout: float, stdin: str | None = None) -> CommandResult:
@@ -328,8 +331,9 @@ class SshTransport:
         sock = self._socket(endpoint)
         transport = _Transport(sock)
         try:
-            self._handshake(transport, endpoint)
-            self._authenticate(transport, endpoint)
+            with self._handshakes or contextlib.nullcontext():
+                self._handshake(transport, endpoint)
+                self._authenticate(transport, endpoint)
         except BaseException:
             transport.close()
             raise

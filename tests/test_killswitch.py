@@ -256,7 +256,7 @@ def cli(args: list[str], state: Path) -> int:
     return 0
 
 
-def _refuse_transport() -> FakeTransport:
+def _refuse_transport(_: int = 0) -> FakeTransport:
     raise AssertionError("no transport may be created")
 
 
@@ -279,7 +279,7 @@ def test_refuses_without_tty_or_yes(cli_env: Path, monkeypatch: pytest.MonkeyPat
 def test_cli_partial_exit_report_and_audit(cli_env: Path, monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     fake = FakeTransport([("ipsec-kill", result(stdout=KILLED))], unreachable={"b1.codfw.test"})
-    monkeypatch.setattr(kill_cli, "transport_factory", lambda: fake)
+    monkeypatch.setattr(kill_cli, "transport_factory", lambda _: fake)
     state = cli_env / "state"
     code = cli(["--all", "--yes", "--retries", "0", "--json", "--report", str(cli_env / "r.json")], state)
     assert code == ExitCode.PARTIAL
@@ -293,7 +293,7 @@ def test_cli_partial_exit_report_and_audit(cli_env: Path, monkeypatch: pytest.Mo
 
 
 def test_cli_default_report_in_cwd(cli_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kill_cli, "transport_factory", lambda: FakeTransport([("", result(stdout=CLEAN))]))
+    monkeypatch.setattr(kill_cli, "transport_factory", lambda _: FakeTransport([("", result(stdout=CLEAN))]))
     assert cli(["--host", "a1", "--yes"], cli_env / "state") == 0
     [report] = cli_env.glob("ipsec-kill-*.json")
     assert json.loads(report.read_text())["hosts"][0]["outcome"] == "already-clean"

@@ -25,13 +25,13 @@ out = Console()
 FULL_TABLE_MAX = 60  # above this many hosts the table lists only hosts that are not clean
 
 
-def _ssh_transport() -> Transport:
+def _ssh_transport(handshakes: int) -> Transport:
     from rollout.ssh import SshTransport  # the only importer of paramiko
 
-    return SshTransport()
+    return SshTransport(max_handshakes=handshakes)
 
 
-transport_factory: Callable[[], Transport] = _ssh_transport  # tests replace this
+transport_factory: Callable[[int], Transport] = _ssh_transport  # tests replace this
 
 
 def kill_command(
@@ -46,6 +46,7 @@ def kill_command(
     = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="No confirmation prompt (scripts).")] = False,
     parallel: Annotated[int, typer.Option(help="Hosts in flight at once.")] = 256,
+    handshakes: Annotated[int, typer.Option(help="SSH handshakes at once (CPU-bound on this side).")] = 32,
     connect_timeout: Annotated[float | None, typer.Option(help="Seconds per connect/handshake/auth step.")]
     = 5.0,
     command_timeout: Annotated[float, typer.Option(help="Seconds for the script on one host.")] = 60.0,
@@ -76,7 +77,7 @@ def kill_command(
         _print_dry_run(targets, options)
         return
     _confirm(targets, options, yes)
-    result = _execute(targets, options, state_dir)
+    result = _execute(targets, options, state_dir, handshakes)
     path = killswitch.write_report(result, report or killswitch.default_report_path(options.run_id))
     killswitch.audit(result, path=state_dir / killswitch.AUDIT_LOG.name, report_path=path)
     _print_outcome(result, path, as_json)
@@ -106,8 +107,8 @@ def _confirm(targets: Targets, options: KillOptions, yes: bool) -> None:
         raise errors.Aborted("confirmation did not match; nothing was done")
 
 
-def _execute(targets: Targets, options: KillOptions, state_dir: Path) -> KillReport:
-    transport = transport_factory()
+def _execute(targets: Targets, options: KillOptions, state_dir: Path, handshakes: int) -> KillReport:
+    transport = transport_factory(max(1, handshakes))
     total = len(targets.hosts)
     done = [0]
 
