@@ -79,6 +79,7 @@ class BatchPlan:
     index: int  # 1-based within its stage
     hosts: tuple[HostPlan, ...]
     sa_up: tuple[SaRef, ...]  # SAs whose second end this batch enables (what its gate checks)
+    sa_waiting: tuple[SaRef, ...] = ()  # this batch's hosts' SAs whose peer is not enabled yet
     peer_actions: tuple[PeerAction, ...] = ()
 
     @property
@@ -199,7 +200,8 @@ def _batch_plan(ctx: _Ctx, index: int, fqdns: tuple[str, ...], enforce: bool, en
     peers = tuple(PeerAction(host=h, steps=_initiate_steps(ctx, h, tuple(conns)))
                   for h, conns in sorted(initiate.items()) if h not in new)
     sa_up = tuple(sorted(SaRef(host=p.a, peer=p.b, family=f) for p in completing for f in p.families))
-    return BatchPlan(index=index, hosts=hosts, sa_up=sa_up, peer_actions=peers)
+    return BatchPlan(index=index, hosts=hosts, sa_up=sa_up, sa_waiting=_waiting(ctx, enabled, fqdns),
+                     peer_actions=peers)
 
 
 def _completing_pairs(ctx: _Ctx, fqdns: tuple[str, ...], enabled: set[str],
@@ -213,10 +215,11 @@ def _completing_pairs(ctx: _Ctx, fqdns: tuple[str, ...], enabled: set[str],
     return [found[k] for k in sorted(found)]
 
 
-def _waiting(ctx: _Ctx, enabled: set[str]) -> tuple[SaRef, ...]:
+def _waiting(ctx: _Ctx, enabled: set[str], hosts: Iterable[str] | None = None) -> tuple[SaRef, ...]:
+    """SAs of `hosts` (default: every enabled host) whose peer is not enabled."""
     refs = [SaRef(host=h, peer=p.peer_of(h), family=f)
-            for h in enabled for p in ctx.by_host.get(h, ()) if p.peer_of(h) not in enabled
-            for f in p.families]
+            for h in (enabled if hosts is None else hosts) for p in ctx.by_host.get(h, ())
+            if p.peer_of(h) not in enabled for f in p.families]
     return tuple(sorted(refs))
 
 
@@ -294,9 +297,16 @@ def _strip_sources(value: Any) -> Any:
 
 def _configs(stages: Iterable[StagePlan]) -> dict[str, dict[str, list[str]]]:
     """fqdn -> path -> [mode, sha256(content)] for every rendered file."""
-    return {h.fqdn: {f.path: [_mode(f.mode), hashlib.sha256(f.content.encode()).hexdigest()]
-                     for f in h.files}
-            for s in stages for h in s.hosts}
+    configs = {}
+    for host in (h for s in stages for h in s.hosts):
+        digests = dict(host.digests)  # already sha256(content), from steps.expected_digests
+        configs[host.fqdn] = {f.path: [_mode(f.mode), digests.get(f.path) or _sha256(f.content)]
+                              for f in host.files}
+    return configs
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _mode(mode: int | str) -> str:
@@ -353,13 +363,14 @@ def _host_back(d: Mapping[str, Any]) -> HostPlan:
 
 
 def _batch_json(b: BatchPlan) -> dict[str, Any]:
-    return {"index": b.index, "sa_up": _sa_json(b.sa_up), "hosts": [_host_json(h) for h in b.hosts],
+    return {"index": b.index, "sa_up": _sa_json(b.sa_up), "sa_waiting": _sa_json(b.sa_waiting),
+            "hosts": [_host_json(h) for h in b.hosts],
             "peer_actions": [{"host": a.host, "steps": [_fields(s) for s in a.steps]}
                              for a in b.peer_actions]}
 
 
 def _batch_back(d: Mapping[str, Any]) -> BatchPlan:
-    return BatchPlan(index=d["index"], sa_up=_sa_back(d["sa_up"]),
+    return BatchPlan(index=d["index"], sa_up=_sa_back(d["sa_up"]), sa_waiting=_sa_back(d["sa_waiting"]),
                      hosts=tuple(_host_back(h) for h in d["hosts"]),
                      peer_actions=tuple(PeerAction(host=a["host"], steps=tuple(Step(**s) for s in a["steps"]))
                                         for a in d["peer_actions"]))

@@ -97,6 +97,9 @@ def test_sa_delta_accounts_for_every_sa(name: str, fleet: model.Fleet,
             both_enabled = {sa for sa in all_sas(pairs) if sa[0] in enabled and sa[1] in enabled}
             expected = both_enabled - (seen_up - batch_up)
             assert batch_up == expected
+            batch_waiting = {(r.host, r.peer, r.family) for r in batch.sa_waiting}
+            assert batch_waiting == {(h, p, f) for a, b, f in all_sas(pairs) for h, p in ((a, b), (b, a))
+                                     if h in batch.fqdns and p not in enabled}
         assert {(r.host, r.peer, r.family) for r in stage.sa_up} <= seen_up
         assert stage.sas_up_after == len(seen_up)
         assert stage.hosts_enabled_after == len(enabled)
