@@ -529,12 +529,16 @@ class Executor:
                      if pa.host in run.enabled and pa.host not in run.excluded]
         results = self._each(run, sp, jobs, lambda j: self._host_steps(run, sp, bp, j[0], j[1], "initiate"))
         for (fqdn, _), out in zip(jobs, results, strict=True):
-            if not out.ok and fqdn in bp.fqdns:
+            if out.unreachable and fqdn in bp.fqdns:
                 failed.add(fqdn)
-                (budget.unreachable if out.unreachable else budget.ipsec).add(fqdn)
+                budget.unreachable.add(fqdn)
+                self._host(run, sp, bp, fqdn, HostState.UNREACHABLE, f"initiate: {out.detail}")
             elif not out.ok:
+                # Not a verdict: start_action=start may already be negotiating the same SA (a race
+                # that makes `swanctl --initiate` fail), and the peer may still be loading. The gate,
+                # which waits for every SA up to its timeout, decides.
                 self._emit(run, WARNING, stage=sp.name, batch=bp.index, host=fqdn,
-                           message=f"initiate on earlier host failed: {out.detail}")
+                           message=f"initiate failed (the gate decides): {out.detail}")
         for hp in hosts:
             if hp.fqdn in changed and hp.fqdn not in failed:
                 self._host(run, sp, bp, hp.fqdn, HostState.CHANGED)
@@ -556,6 +560,7 @@ class Executor:
         skipped (resume); in dry-run, mutating steps are not run."""
         host = self.fleet.host(fqdn)
         last = _StepOutcome(ok=True)
+        failed: _StepOutcome | None = None  # initiate keeps going: each SA is its own nudge
         for index, step in enumerate(seq):
             key = f"{phase}:{index}:{step.name}"
             if run.past is not None and run.past.step_done(sp.name, bp.index, fqdn, key):
@@ -567,9 +572,10 @@ class Executor:
             if step.mutating:
                 self._journal(run, journal.STEP, stage=sp.name, batch=bp.index, host=fqdn, step=key,
                               ok=last.ok)
-            if not last.ok:
+            if not last.ok and (phase != "initiate" or last.unreachable):
                 return last
-        return last
+            failed = failed if last.ok else last
+        return failed or last
 
     def _run_step(self, run: _Run, host: Host, step: Step) -> _StepOutcome:
         self._check_stop()
