@@ -38,6 +38,10 @@ def _duration(seconds: float) -> str:
     return f"{s}s"
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _short(fqdn: str) -> str:
     return fqdn.split(".", 1)[0]
 
@@ -106,7 +110,7 @@ def summary_lines(plan: Plan) -> list[str]:
     up = plan.stages[-1].sas_up_after if plan.stages else 0
     return [
         f"fleet: {plan.fleet_hosts} hosts, {plan.fleet_sas} SAs defined by the pairing rules",
-        f"this plan: {len(plan.stages)} stages, enables {enabled} hosts, brings up {up} SAs; "
+        f"this plan: {_n(len(plan.stages), 'stage')}, enables {_n(enabled, 'host')}, brings up {up} SAs; "
         f"{len(plan.never_up)} SAs stay waiting for peers this playbook does not enable",
         f"digest: {plan.digest} (inventory {plan.digests.inventory[:12]}, playbook "
         f"{plan.digests.playbook[:12]}, configs {plan.digests.configs[:12]})",
