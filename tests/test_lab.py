@@ -190,3 +190,47 @@ def test_up_recovers_and_down_leaves_nothing(small_lab_dir: Path) -> None:
     assert not report.leftover_pids and report.netns_removed
     assert proc.uml_pids(small_lab_dir / "uml") == []
     assert not net.netns_exists("ipsec-lab-small")
+
+
+def test_faults_break_and_restore(clean_lab: LabHandle) -> None:
+    from rollout.lab import faults
+
+    lab, victim, peer = clean_lab.lab, "cp1002", "cp1001"
+    host = lab.host(victim)
+    cert = f"/var/lib/puppet/ssl/certs/{host.fqdn}.pem"
+    verify = f"pki --verify --in {cert} --cacert /var/lib/puppet/ssl/certs/ca.pem"
+    ping = f"ping -c 3 -i 0.3 -W 1 {host.spec.ipv4}"
+
+    faults.set_fault(lab, victim, "charon-down")
+    time.sleep(3)  # the supervisor would have restarted it by now
+    assert host.run("/etc/lab/svc status").exit_code == 1
+    faults.clear_fault(lab, victim, "charon-down")
+    assert host.run("/etc/lab/svc status").ok
+
+    for mode in ("garbage", "wrong-ca"):
+        faults.set_fault(lab, victim, "bad-cert", cert_mode=mode)
+        assert host.run(verify).exit_code != 0, mode
+    faults.clear_fault(lab, victim, "bad-cert")
+    assert host.run(verify).ok
+
+    faults.set_fault(lab, victim, "loss", percent=100)
+    assert " 0 received" in lab.host(peer).run(ping, timeout=60).stdout
+    assert host.run("true").ok  # SSH is spared by default
+    faults.set_fault(lab, victim, "delay", delay_ms=300)
+    assert faults.active_faults(lab) == {victim: ("delay", "loss")}
+    faults.clear_fault(lab, victim, "loss")
+    rtt = lab.host(peer).run(ping, timeout=60).stdout
+    assert " 3 received" in rtt and float(rtt.rsplit("=", 1)[1].split("/")[1]) >= 300, rtt
+    faults.clear_fault(lab, victim, "delay")
+
+    for kind in ("ssh-down", "ssh-hang", "ssh-blackhole"):
+        faults.set_fault(lab, victim, kind)
+        assert not host.reachable(timeout=8), kind
+        faults.clear_fault(lab, victim, kind)
+        assert host.reachable(timeout=30), kind
+
+    faults.set_fault(lab, victim, "loss", percent=50)
+    faults.set_fault(lab, victim, "ssh-down")
+    faults.clear_all(lab)
+    assert faults.active_faults(lab) == {}
+    assert host.reachable(timeout=30)

@@ -191,14 +191,16 @@ def clear_fault(lab: Lab, name: str, kind: FaultKind, *, wait: bool = True) -> N
 
 
 def clear_all(lab: Lab, names: Iterable[str] | None = None) -> None:
-    """Undo every fault on the given hosts (default: all): the recorded ones, and the SSH-side ones always."""
+    """Undo every fault on the given hosts (default: all): SSH faults first (recorded or not), so the
+    hosts are reachable again, then every other recorded fault."""
     hosts = [lab.host(n) for n in names] if names is not None else list(lab.hosts)
     recorded = active_faults(lab)
-    for host in hosts:  # first make every host reachable again
+    for host in hosts:
+        ctl_set = [k for k in _CTL_KINDS if (host.paths.ctl_dir(host.short) / k).exists()]
         for kind in _CTL_KINDS:
-            (host.paths.ctl_dir(host.short) / kind).unlink(missing_ok=True)
-        _clear_blackhole(host)
-        _forget(host, "ssh-blackhole")
+            clear_fault(lab, host.short, parse_kind(kind), wait=kind in ctl_set)
+        clear_fault(lab, host.short, "ssh-blackhole")
     for host in hosts:
         for kind in recorded.get(host.short, ()):
-            clear_fault(lab, host.short, parse_kind(kind), wait=True)
+            if kind not in (*_CTL_KINDS, "ssh-blackhole"):
+                clear_fault(lab, host.short, parse_kind(kind))

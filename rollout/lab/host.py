@@ -80,11 +80,12 @@ class LabHost:
             done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout,
                                   check=False, stdin=None if stdin is not None else subprocess.DEVNULL)
         except subprocess.TimeoutExpired as exc:
-            raise LabError(f"{self.short}: {command!r} did not finish within {timeout:.0f} s") from exc
+            raise LabError(f"{self.short}: {_brief(command)} did not finish within {timeout:.0f} s") from exc
         result = CommandResult(host=self.fqdn, exit_code=done.returncode, stdout=done.stdout,
                                stderr=_filter_noise(done.stderr), duration=time.monotonic() - started)
         if check and not result.ok:
-            raise LabError(f"{self.short}: {command!r} exited {result.exit_code}: {result.stderr.strip()}")
+            detail = result.stderr.strip()
+            raise LabError(f"{self.short}: {_brief(command)} exited {result.exit_code}: {detail}")
         return result
 
     def reachable(self, *, timeout: float = 15.0) -> bool:
@@ -107,6 +108,11 @@ class LabHost:
     def sh(self, *words: str, timeout: float = 60.0, check: bool = True) -> CommandResult:
         """Run argv-style words (each shell-quoted) on the host."""
         return self.run(" ".join(shlex.quote(w) for w in words), timeout=timeout, check=check)
+
+
+def _brief(command: str) -> str:
+    one_line = " ".join(command.split())
+    return repr(one_line if len(one_line) <= 100 else one_line[:97] + "...")
 
 
 def _filter_noise(stderr: str) -> str:
