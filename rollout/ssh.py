@@ -49,6 +49,9 @@ _DEFAULTS = SshSettings()
 _FAST_KEX = ("curve25519-sha256@libssh.org", "curve25519-sha256")
 _FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 _FAST_KEYS = ("ssh-ed25519",)
+# How often a waiting reader wakes to drain stderr (only a stderr larger than the 2 MiB channel window
+# could stall meanwhile); each wake costs CPU times hundreds of hosts in flight.
+_STDERR_DRAIN_PERIOD = 5.0
 
 
 def sh_join(argv: Iterable[str]) -> str:
@@ -214,10 +217,11 @@ def _jump_chain(spec: str, settings: SshSettings, config: paramiko.SSHConfig | N
 # ------------------------------------------------------------------------------------------------
 class _Transport(paramiko.Transport):
     """paramiko's transport thread polls its socket every 0.1 s; with hundreds of connections waiting on
-    slow hosts those wake-ups cost more CPU than the SSH work itself. 1 s is still well inside every
-    timeout we use (banner/handshake bounds are >= 1 s); `close()` wakes the thread at once instead."""
+    slow hosts those wake-ups cost more CPU than the SSH work itself. Our own bounds do not depend on
+    that poll (start_client/auth/session waits are timed from the calling thread), and `close()` wakes
+    the thread at once with a socket shutdown."""
 
-    _active_check_timeout = 1.0
+    _active_check_timeout = 5.0
 
     def close(self) -> None:
         with contextlib.suppress(OSError, AttributeError):
@@ -469,7 +473,7 @@ def _read_until_eof(channel: paramiko.Channel, out: list[bytes], err: list[bytes
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError("command timeout")
-        channel.settimeout(min(remaining, 1.0))
+        channel.settimeout(min(remaining, _STDERR_DRAIN_PERIOD))
         try:
             chunk = channel.recv(65536)
         except TimeoutError:
