@@ -50,7 +50,7 @@ def up(
     netns: Annotated[str | None, typer.Option(
         help="Network namespace (default $ROLLOUT_LAB_NETNS or ipsec-lab).")] = None,
     mem: Annotated[int | None, typer.Option(help="Guest memory in MiB (default 128).")] = None,
-    boot_timeout: Annotated[float, typer.Option(help="Seconds to wait for every sshd.")] = 240.0,
+    boot_timeout: Annotated[float, typer.Option(help="Seconds to wait for every sshd.")] = 300.0,
 ) -> None:
     """Boot the lab, or finish booting it (healthy hosts are reused, dead ones restarted).
 
@@ -80,10 +80,11 @@ def down(state_dir: StateOpt = None,
 
 @lab_app.command("status")
 def status(state_dir: StateOpt = None,
-           as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+           as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+           timeout: Annotated[float, typer.Option(help="Seconds each SSH check may take.")] = 30.0) -> None:
     """Per host: kernel running (PID), sshd answering with the recorded host key. Exit 30 if any is not."""
     lab = labmod.load(state_dir)
-    rows = lab.status()
+    rows = lab.status(ssh_timeout=timeout)
     if as_json:
         typer.echo(json.dumps([{**r.__dict__, "healthy": r.healthy} for r in rows], indent=2))
     else:

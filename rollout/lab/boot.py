@@ -96,18 +96,24 @@ def stop_all(paths: LabPaths, shorts: Sequence[str]) -> list[int]:
 
 def wait_ready(hosts: Sequence[LabHost], timeout: float,
                on_ready: Callable[[LabHost, float], None] | None = None) -> dict[str, float | None]:
-    """Poll each host's sshd (strict host keys) until it answers; return seconds to ready (None = never)."""
+    """Poll each host's sshd (strict host keys) until it answers; return seconds to ready (None = never).
+
+    Each attempt may take longer than the one before (15 s, 30 s, 60 s, ...): on a loaded machine an SSH
+    handshake with a guest can take tens of seconds, and a fixed short bound would never succeed.
+    """
     started = time.monotonic()
 
     def one(host: LabHost) -> float | None:
-        while time.monotonic() - started < timeout:
-            if host.reachable(timeout=min(15.0, max(2.0, timeout - (time.monotonic() - started)))):
+        attempt = 15.0
+        while (left := timeout - (time.monotonic() - started)) > 0:
+            if host.reachable(timeout=max(2.0, min(attempt, left))):
                 elapsed = time.monotonic() - started
                 if on_ready:
                     on_ready(host, elapsed)
                 return elapsed
-            time.sleep(0.5)
+            attempt = min(attempt * 2, 120.0)
+            time.sleep(1.0)
         return None
 
-    with ThreadPoolExecutor(max_workers=max(1, min(16, len(hosts)))) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(32, len(hosts)))) as pool:
         return dict(zip([h.short for h in hosts], pool.map(one, hosts), strict=True))

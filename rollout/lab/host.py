@@ -74,7 +74,7 @@ class LabHost:
 
         With check=True a non-zero exit raises LabError. A timeout always raises LabError.
         """
-        argv = self.ssh_argv(command, connect_timeout=min(timeout, 20.0), multiplex=multiplex)
+        argv = self.ssh_argv(command, connect_timeout=min(timeout, 60.0), multiplex=multiplex)
         started = time.monotonic()
         try:
             done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout,

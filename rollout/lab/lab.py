@@ -21,7 +21,8 @@ from rollout.lab.playbook import write_playbook
 from rollout.lab.spec import LabSpec, build_spec
 
 Progress = Callable[[str], None]
-DEFAULT_BOOT_TIMEOUT = 240.0
+DEFAULT_BOOT_TIMEOUT = 300.0
+REUSE_TIMEOUT = 90.0  # a running host gets this long to answer before it is restarted (busy machines)
 
 
 def _quiet(_: str) -> None:
@@ -173,7 +174,7 @@ def _boot_missing(lab: Lab, timeout: float, progress: Progress) -> None:
     reused = [h for h in lab.hosts if boot.host_running(lab.paths, h.short) is not None]
     if reused:
         progress(f"checking {len(reused)} running host(s)")
-        ready = boot.wait_ready(reused, timeout=20.0)
+        ready = boot.wait_ready(reused, timeout=REUSE_TIMEOUT)
         for host in reused:
             if ready[host.short] is None:
                 progress(f"{host.short}: running but sshd does not answer: restarting it")
