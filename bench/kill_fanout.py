@@ -179,20 +179,21 @@ def seed_policies(fleet: Fleet) -> None:
 # Measuring one driver process tree
 # ------------------------------------------------------------------------------------------------
 def _children(pid: int) -> set[int]:
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
+    """The process tree under `pid`, via /proc/<pid>/task/<tid>/children (reads only that tree)."""
     tree, frontier = {pid}, [pid]
     while frontier:
         parent = frontier.pop()
-        kids = [p for p, pp in parents.items() if pp == parent and p not in tree]
-        tree.update(kids)
-        frontier.extend(kids)
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                kids = {int(k) for k in Path(f"/proc/{parent}/task/{tid}/children").read_text().split()}
+            except (OSError, ValueError):
+                continue
+            frontier.extend(kids - tree)
+            tree |= kids
     return tree
 
 
@@ -270,8 +271,11 @@ def _ssh_options(fleet: Fleet) -> list[str]:
 
 def run_openssh(fleet: Fleet, parallel: int) -> Measure:
     (fleet.work / "addresses").write_text("\n".join(fleet.addresses) + "\n")
+    # xargs aborts everything when one command exits 255 (an ssh failure): a tiny sh keeps it going
+    # and names the host that failed.
+    wrapper = 'ssh "$@" || echo "FAILED $? ${HOST}"'
     xargs = ["xargs", "-a", str(fleet.work / "addresses"), "-P", str(parallel), "-I{}",
-             "ssh", *_ssh_options(fleet), "{}", fleet.command]
+             "env", "HOST={}", "sh", "-c", wrapper, "ssh", *_ssh_options(fleet), "{}", fleet.command]
     return measure("openssh", ["ip", "netns", "exec", fleet.netns, *xargs], len(fleet.addresses),
                    _count_lines, note=f"xargs -P {parallel}, strict host keys")
 
@@ -341,8 +345,8 @@ def report(results: list[Measure]) -> str:
     lines = [f"{'driver':<11} {'hosts':>5} {'ok':>5} {'wall s':>8} {'hosts/s':>8} {'CPU ms/host':>11} "
              f"{'peak MiB':>8} {'wall x':>7} {'CPU x':>6}  note"]
     for r in results:
-        wall_x = r.wall / base.wall if base else 0
-        cpu_x = r.cpu / base.cpu if base and base.cpu else 0
+        wall_x = r.wall / base.wall if base else float("nan")
+        cpu_x = r.cpu / base.cpu if base and base.cpu else float("nan")
         lines.append(f"{r.driver:<11} {r.hosts:>5} {r.confirmed:>5} {r.wall:>8.2f} {r.rate:>8.1f} "
                      f"{r.cpu_ms_per_host:>11.2f} {r.peak_rss / 2**20:>8.1f} {wall_x:>7.2f} {cpu_x:>6.2f}"
                      f"  {r.note}")
