@@ -227,10 +227,10 @@ def test_faults_break_and_restore(clean_lab: LabHandle) -> None:
         faults.set_fault(lab, victim, kind)
         assert not host.reachable(timeout=8), kind
         faults.clear_fault(lab, victim, kind)
-        assert host.reachable(timeout=30), kind
+        assert host.reachable(timeout=120), kind
 
     faults.set_fault(lab, victim, "loss", percent=50)
     faults.set_fault(lab, victim, "ssh-down")
     faults.clear_all(lab)
     assert faults.active_faults(lab) == {}
-    assert host.reachable(timeout=30)
+    assert host.reachable(timeout=120)

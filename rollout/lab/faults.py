@@ -71,7 +71,7 @@ def _set_ctl(host: LabHost, kind: str) -> None:
 def _clear_ctl(host: LabHost, kind: str, wait: bool) -> None:
     (host.paths.ctl_dir(host.short) / kind).unlink(missing_ok=True)
     if wait:
-        _wait(lambda: host.reachable(timeout=10.0), 60.0, f"{host.short}: sshd back")
+        _wait(lambda: host.reachable(timeout=30.0), 180.0, f"{host.short}: sshd back")
 
 
 # --- SSH blackhole from the namespace side: SYNs to port 22 vanish (connect timeout) ---------------

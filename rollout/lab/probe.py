@@ -79,7 +79,7 @@ def _start_tcpdump(lab: Lab, family: Family, addr_a: str, addr_b: str,
     with errfile.open("w") as err:
         proc = subprocess.Popen(netns_argv(lab.netns, argv), stdout=subprocess.PIPE, stderr=err, text=True,
                                 stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 15.0
+    deadline = time.monotonic() + 60.0
     while "listening on" not in errfile.read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
