@@ -145,15 +145,25 @@ def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
 
 
+MAX_YAML_BYTES = 8 * 1024 * 1024  # a 2,000-host inventory is well under 1 MiB; parsing is ~1 s/MiB
+
+
 def read_yaml(path: Path) -> Any:
     """Parse one YAML file; errors name the file and line."""
     try:
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise InventoryYamlError(f"file too large ({size} bytes, limit {MAX_YAML_BYTES})", file=str(path),
+                                     hint="an inventory file is a few hundred KiB; is this the right file?")
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InventoryYamlError(f"cannot read file: {exc}", file=str(path),
                                  hint="check the path and permissions") from None
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+    except RecursionError:
+        raise InventoryYamlError("nesting too deep", file=str(path),
+                                 hint="inventory YAML is at most a few levels deep") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -293,6 +293,9 @@ def parse_playbook(text: str, *, source: str = "<playbook>") -> Playbook:
     except yaml.YAMLError as exc:
         raise PlaybookError(f"invalid YAML: {_yaml_problem(exc)}", file=source,
                             hint="fix the YAML syntax (indentation, quoting, ':' after keys)") from None
+    except RecursionError:
+        raise PlaybookError("invalid YAML: nesting too deep", file=source,
+                            hint="a playbook is at most a few levels deep") from None
     if not isinstance(data, dict):
         raise PlaybookError("a playbook is a mapping with 'name' and 'stages'", file=source,
                             hint="see docs/playbooks.md for the schema")
