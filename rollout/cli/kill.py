@@ -58,7 +58,7 @@ def kill_command(
     report: Annotated[Path | None, typer.Option(help="Report file (default ./ipsec-kill-<run>.json).")
                       ] = None,
     inventory: Annotated[Path | None, typer.Option("--inventory", "-i", help="Inventory directory.")] = None,
-    hosts_file: Annotated[Path | None, typer.Option(help="Host list: lines 'fqdn [key=value...]' or JSON.")]
+    hosts_file: Annotated[Path | None, typer.Option(help="Lines 'fqdn key=value ...' or JSON.")]
     = None,
     state_dir: Annotated[Path, typer.Option(hidden=True, help="Stop flag + audit log directory.")]
     = killswitch.STATE_DIR,
