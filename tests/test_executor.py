@@ -555,3 +555,56 @@ def test_host_latched_during_gate_stops_as_killed(env: Env, fleet: Fleet) -> Non
     res = env.executor().apply(plan_for(fleet))
     assert isinstance(res.error, errors.KilledDuringApply)
     assert "latched" in res.message
+
+
+# ================================================================================================
+# CLI (typer runner, FakeTransport-backed simulated fleet)
+# ================================================================================================
+@pytest.fixture
+def cli_env(env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    import yaml
+
+    from rollout import killswitch
+    from rollout.cli import apply as cli_apply
+
+    inv = tmp_path / "inventory"
+    inv.mkdir()
+    (inv / "fleet.yaml").write_text(yaml.safe_dump(INVENTORY))
+    book = tmp_path / "book.yaml"
+    book.write_text(make_playbook().replace("soak: 10, samples: 2", "soak: 0, samples: 1"))
+    monkeypatch.setattr(cli_apply, "transport_factory", lambda: env.sim.fake)
+    monkeypatch.setattr(killswitch, "STOP_FLAG", tmp_path / "kill-requested")
+    monkeypatch.setenv("IPSEC_ROLLOUT_HOST_CACHE", str(tmp_path / "hosts.json"))
+    return {"inventory": inv, "book": book, "state": tmp_path / "cli-state"}
+
+
+def _cli(*args: str) -> Any:
+    from typer.testing import CliRunner
+
+    from rollout.cli import _register, app
+
+    _register()
+    return CliRunner().invoke(app, list(args))
+
+
+def test_cli_refuses_without_terminal_or_yes(cli_env: dict[str, Path], env: Env) -> None:
+    res = _cli("apply", str(cli_env["book"]), "--inventory", str(cli_env["inventory"]),
+               "--state-dir", str(cli_env["state"]))
+    assert isinstance(res.exception, errors.Refused)
+    assert env.sim.mutations == 0
+
+
+def test_cli_apply_json_then_runs(cli_env: dict[str, Path], env: Env) -> None:
+    import json
+
+    res = _cli("apply", str(cli_env["book"]), "--inventory", str(cli_env["inventory"]),
+               "--state-dir", str(cli_env["state"]), "--yes", "--json", "--reason", "T42")
+    assert res.exit_code == 0, res.output
+    events = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert events[0]["kind"] == "run-start" and events[-1]["state"] == "completed"
+    assert sorted(env.sim.sas) == ALL_SAS
+    assert (cli_env["state"].parent / "hosts.json").exists()  # the kill switch's host cache
+    listing = _cli("runs", "--json", "--state-dir", str(cli_env["state"]))
+    runs = json.loads(listing.stdout)
+    assert runs[0]["status"] == "completed" and runs[0]["reason"] == "T42"
+    assert runs[0]["stages_done"] == ["canary", "rest"]
