@@ -361,7 +361,10 @@ class _Runner:
         self.last_error.pop(job.fqdn, None)
         try:
             timeout = min(self.options.command_timeout, remaining)
-            output = self.transport.run(host, self.command, timeout=timeout)
+            try:
+                output = self.transport.run(host, self.command, timeout=timeout)
+            finally:
+                self._release(host)
         except errors.HostUnreachable as exc:
             self.last_error[job.fqdn] = exc.message
             if isinstance(exc, errors.HostKeyMismatch):  # retrying cannot help; say so now
@@ -374,6 +377,14 @@ class _Runner:
             return HostResult(fqdn=job.fqdn, outcome=Outcome.FAILED, attempts=job.attempt,
                               detail=f"internal error: {type(exc).__name__}: {exc}")
         return judge(job.fqdn, output, self.options.rearm, job.attempt)
+
+    def _release(self, host: Host) -> None:
+        """One command per host: let a transport that caches connections (SshTransport.release) close
+        this one now rather than keep hundreds of idle connections (threads, wake-ups) to the end."""
+        release = getattr(self.transport, "release", None)
+        if callable(release):
+            with contextlib.suppress(Exception):
+                release(host)
 
     def _settle(self, job: _Job, result: HostResult | None) -> None:
         if result is None and job.attempt <= self.options.retries:

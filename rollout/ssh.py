@@ -301,6 +301,11 @@ class SshTransport:
                 endpoint.known_hosts[0], *self._system_known_hosts)})
         return endpoint
 
+    def release(self, host: Host) -> None:
+        """Close the cached connection to `host` now (callers that will not talk to it again, like
+        the kill switch, free its thread and socket instead of keeping them until `close()`)."""
+        self.drop(self.endpoint(host))
+
     def drop(self, endpoint: Endpoint) -> None:
         """Forget (and close) the cached connection to `endpoint`."""
         with self._lock:

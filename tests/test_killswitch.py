@@ -343,3 +343,15 @@ def test_kill_script_in_sandbox(tmp_path: Path) -> None:
     assert latch["who"] == "op'; touch /tmp/pwned-by-who; '" and latch["reason"] == 'x"$(id)"'
     assert not Path("/tmp/pwned-by-who").exists()
     assert "0x" not in proc.stdout  # never key material
+
+
+def test_connections_are_released_after_each_host(tmp_path: Path) -> None:
+    released: list[str] = []
+
+    class Releasing(FakeTransport):
+        def release(self, host: Host) -> None:
+            released.append(host.fqdn)
+
+    fake = Releasing([("ipsec-kill", result(stdout=KILLED))])
+    report = killswitch.run_kill(targets(), fake, options(), stop_flag=None)
+    assert report.exit_code == ExitCode.OK and sorted(released) == sorted(h.fqdn for h in HOSTS)
