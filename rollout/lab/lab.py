@@ -212,7 +212,8 @@ def down(state_dir: Path | str | None = None, *, netns: str | None = None, purge
         running = tuple(s for s in shorts if boot.host_running(paths, s) is not None)
         progress(f"stopping {len(running)} host(s)")
         left = boot.stop_all(paths, shorts)
-        removed = net.release_network(namespace, paths.root)
+        # Without a recorded layout or an explicit --netns, never delete a namespace nobody says is ours.
+        removed = net.release_network(namespace, paths.root, claim_unrecorded=bool(spec or netns))
         if purge and not left:
             shutil.rmtree(paths.root, ignore_errors=True)
     report = DownReport(stopped=running, leftover_pids=tuple(left), netns_removed=removed)

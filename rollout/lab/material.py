@@ -75,17 +75,20 @@ def ensure_host_material(paths: LabPaths, spec: LabSpec, host: HostSpec) -> None
 
 
 def _ensure_cert(paths: LabPaths, host: HostSpec) -> None:
+    """Key and certificate (CN=<fqdn>, SANs: fqdn and addresses); reissued if the host's identity changed."""
     pdir = paths.host_dir(host.short) / "puppet"
-    key, cert = pdir / "key.pem", pdir / "cert.pem"
+    key, cert, issued_for = pdir / "key.pem", pdir / "cert.pem", pdir / "issued-for"
+    identity = f"{host.fqdn} {host.ipv4} {host.ipv6}\n"
     if not key.exists():
         _pki(["--gen", "--type", "ecdsa", "--size", "256"], key, 0o600)
         cert.unlink(missing_ok=True)
-    if not cert.exists():
+    if not cert.exists() or not issued_for.exists() or issued_for.read_text() != identity:
         _pki(["--issue", "--lifetime", "730", "--in", str(key), "--type", "ecdsa",
               "--cacert", str(paths.ca_dir / "ca.pem"), "--cakey", str(paths.ca_dir / "ca.key"),
               "--dn", f"CN={host.fqdn}", "--san", host.fqdn,
               "--san", str(host.ipv4), "--san", str(host.ipv6),
               "--flag", "serverAuth", "--flag", "clientAuth"], cert)
+        _write(issued_for, identity)
     _write(pdir / "ca.pem", (paths.ca_dir / "ca.pem").read_text())
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 from rollout.errors import LabError
 from rollout.lab.paths import OWNERS_DIR
-from rollout.lab.proc import run, uml_pids
+from rollout.lab.proc import cmdline, run, uml_pids
 from rollout.lab.spec import HostSpec, LabSpec
 
 
@@ -32,15 +34,31 @@ def _claim(netns: str, root: Path) -> None:
     (OWNERS_DIR / f"{netns}.owner").write_text(f"{root}\n")
 
 
+def foreign_kernels(netns: str, root: Path) -> list[int]:
+    """UML kernels running in this namespace that another state dir started."""
+    try:
+        inode = os.stat(f"/run/netns/{netns}").st_ino
+    except OSError:
+        return []
+    ours = f"uml_dir={root / 'uml'}"
+    found = []
+    for pid in uml_pids(None):
+        with contextlib.suppress(OSError):
+            if os.stat(f"/proc/{pid}/ns/net").st_ino == inode and ours not in cmdline(pid):
+                found.append(pid)
+    return found
+
+
 def _check_owner(netns: str, root: Path) -> None:
     """Refuse to share a namespace with another lab that still runs; take over an abandoned one."""
     other = owner(netns)
-    if other is None or other == root or not netns_exists(netns):
+    if not netns_exists(netns) or (other in (None, root) and not foreign_kernels(netns, root)):
         return
-    if uml_pids(other / "uml"):
-        raise LabError(f"namespace {netns} belongs to the running lab in {other}",
-                       hint="use another namespace (--netns / $ROLLOUT_LAB_NETNS), or "
-                            f"`ipsec-rollout lab down --state-dir {other}`")
+    if foreign_kernels(netns, root):
+        where = f"the running lab in {other}" if other else "another running lab"
+        raise LabError(f"namespace {netns} belongs to {where}",
+                       hint="use another namespace (--netns / $ROLLOUT_LAB_NETNS)"
+                            + (f", or `ipsec-rollout lab down --state-dir {other}`" if other else ""))
     destroy_network(netns)
 
 
@@ -84,11 +102,11 @@ def destroy_network(netns: str) -> None:
     (OWNERS_DIR / f"{netns}.owner").unlink(missing_ok=True)
 
 
-def release_network(netns: str, root: Path) -> bool:
-    """Delete the namespace if this lab owns it (or nobody is recorded); True if it no longer exists
-    or belongs to another lab (which we must not touch)."""
+def release_network(netns: str, root: Path, *, claim_unrecorded: bool) -> bool:
+    """Delete the namespace if this lab owns it (or, with claim_unrecorded, if no owner is recorded).
+    True if it no longer exists or is not ours to touch."""
     other = owner(netns)
-    if other is not None and other != root and netns_exists(netns):
+    if netns_exists(netns) and other != root and (other is not None or not claim_unrecorded):
         return True
     destroy_network(netns)
     return not netns_exists(netns)

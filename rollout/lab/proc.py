@@ -64,14 +64,20 @@ def cmdline(pid: int) -> list[str]:
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
-def uml_pids(uml_dir: Path) -> list[int]:
-    """Every live process of a UML kernel started with uml_dir=<uml_dir> (any of its threads/helpers)."""
-    marker = f"uml_dir={uml_dir}"
+def uml_pids(uml_dir: Path | None) -> list[int]:
+    """Every live process of a UML kernel started with uml_dir=<uml_dir> (any of its threads/helpers);
+    with None, of every lab-style UML kernel on the machine."""
+    marker = f"uml_dir={uml_dir}" if uml_dir is not None else "uml_dir="
     found = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and marker in cmdline(int(entry.name)) and pid_alive(int(entry.name)):
-            found.append(int(entry.name))
+        pid = int(entry.name) if entry.name.isdigit() else 0
+        if pid and _has_word(cmdline(pid), marker) and pid_alive(pid):
+            found.append(pid)
     return sorted(found)
+
+
+def _has_word(argv: list[str], marker: str) -> bool:
+    return any(word == marker or (marker.endswith("=") and word.startswith(marker)) for word in argv)
 
 
 def kill_group(pid: int) -> None:
