@@ -936,6 +936,7 @@ class _Gate:
 
     def _sample(self) -> tuple[dict[str, health.HostObservation], list[_Bad]]:
         self.ex._check_stop()
+        self.ex._heartbeat(self.run_)  # a long soak must not let the lock go stale
         obs = self.ex.collect(self._hosts())
         self.samples += 1
         for fqdn, o in obs.items():
