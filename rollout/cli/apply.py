@@ -32,7 +32,7 @@ from rollout.planner import Plan, build_plan, plan_from_json, verify_digest
 from rollout.playbook import load_playbook
 from rollout.transport import Transport
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 DEFAULT_STATE_DIR = Path("/var/lib/ipsec-rollout")
 STATE_ENV = "ROLLOUT_STATE_DIR"
 _INVENTORY, _PLAYBOOKS = Path("inventory"), Path("playbooks")
@@ -299,8 +299,11 @@ def runs_cmd(as_json: JsonOpt = False, state: StateOpt = None) -> None:
     table = Table(title="ipsec-rollout runs")
     columns = ("run_id", "kind", "playbook", "status", "started", "stages_done", "operator", "reason")
     for col in columns:
-        table.add_column(col)
+        table.add_column(col, no_wrap=col in ("run_id", "started", "status"))
     for row in rows:
         table.add_row(*(escape(", ".join(v) if isinstance(v, list) else str(v))
                         for v in (row[c] for c in columns)))
-    Console(highlight=False).print(table)
+    out = Console(highlight=False)
+    if not out.is_terminal:
+        out = Console(highlight=False, width=200)
+    out.print(table)
