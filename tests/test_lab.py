@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import time
 from pathlib import Path
 
@@ -172,6 +173,7 @@ def small_lab_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_up_recovers_and_down_leaves_nothing(small_lab_dir: Path) -> None:
     from rollout import lab as labmod
+    from rollout.errors import LabError
     from rollout.lab import boot, net, proc
     from rollout.lab.spec import build_spec
 
@@ -180,6 +182,8 @@ def test_up_recovers_and_down_leaves_nothing(small_lab_dir: Path) -> None:
         lab = labmod.up(spec, state_dir=small_lab_dir, boot_timeout=240)
         first, second = (boot.host_running(lab.paths, h.short) for h in lab.hosts)
         assert first and second
+        with pytest.raises(LabError, match="belongs to the running lab"):  # a second lab, same namespace
+            labmod.up(spec, state_dir=small_lab_dir.with_name(small_lab_dir.name + "-other"))
         proc.kill_group(second)  # half-dead lab: one kernel gone
         proc.wait_gone([second], 10)
         lab = labmod.up(spec, state_dir=small_lab_dir, boot_timeout=240)
@@ -188,6 +192,7 @@ def test_up_recovers_and_down_leaves_nothing(small_lab_dir: Path) -> None:
         assert all(h.run("true").ok for h in lab.hosts)
     finally:
         report = labmod.down(small_lab_dir, purge=True)
+        shutil.rmtree(small_lab_dir.with_name(small_lab_dir.name + "-other"), ignore_errors=True)
     assert not report.leftover_pids and report.netns_removed
     assert proc.uml_pids(small_lab_dir / "uml") == []
     assert not net.netns_exists("ipsec-lab-small")
