@@ -146,6 +146,8 @@ def _choose_spec(paths: LabPaths, wanted: LabSpec | None) -> LabSpec:
     if recorded is not None and recorded != wanted and _running(paths, recorded):
         raise LabError(f"a lab with another layout is running from {paths.root}",
                        hint=f"ipsec-rollout lab down --state-dir {paths.root}, then lab up again")
+    if recorded is not None and recorded.netns != wanted.netns:
+        net.release_network(recorded.netns, paths.root, claim_unrecorded=False)
     return wanted
 
 
@@ -170,8 +172,18 @@ def up(spec: LabSpec | None = None, *, state_dir: Path | str | None = None,
         return lab
 
 
+def _ssh_fault_set(lab: Lab, host: LabHost) -> bool:
+    """A test made this host unreachable on purpose: never 'repair' it by restarting it."""
+    ctl, recorded = lab.paths.ctl_dir(host.short), lab.paths.faults_dir(host.short)
+    return (ctl.is_dir() and any(ctl.iterdir())) or (recorded / "ssh-blackhole").exists()
+
+
 def _boot_missing(lab: Lab, timeout: float, progress: Progress) -> None:
-    reused = [h for h in lab.hosts if boot.host_running(lab.paths, h.short) is not None]
+    running = [h for h in lab.hosts if boot.host_running(lab.paths, h.short) is not None]
+    faulted = [h for h in running if _ssh_fault_set(lab, h)]
+    if faulted:
+        progress(f"left alone (SSH fault set): {', '.join(h.short for h in faulted)}")
+    reused = [h for h in running if h not in faulted]
     if reused:
         progress(f"checking {len(reused)} running host(s)")
         ready = boot.wait_ready(reused, timeout=REUSE_TIMEOUT)
