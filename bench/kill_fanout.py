@@ -7,7 +7,8 @@ the kill script touches nothing of this machine. Then drives the SAME kill comma
 (`killswitch.remote_command`) on every host with each tool, side by side:
 
   ipsec-kill   the real CLI (`python -m rollout.cli.kill --hosts-file ... --yes`), netns sockets
-  openssh      `xargs -P <parallel> ssh` (OpenSSH client, one process per host)
+  openssh      `xargs -P <parallel> ssh` (OpenSSH client, one process per host, its default kex)
+  openssh-x25519  the same with `-o KexAlgorithms=curve25519-sha256` (what ipsec-kill negotiates)
   fabric       fabric.ThreadingGroup (its own default: one thread per host, no host-key check)
   ansible      `ansible all -m raw -f <parallel>` (if ansible is installed in --venv)
   cumin        `cumin` ClusterShell transport, fanout <parallel> (if installed in --venv)
@@ -44,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from rollout import killswitch  # noqa: E402
 
-DRIVERS = ("ipsec-kill", "openssh", "fabric", "ansible", "cumin")
+DRIVERS = ("ipsec-kill", "openssh", "openssh-x25519", "fabric", "ansible", "cumin")
 SSHD_CONFIG = """\
 Port 22
 AuthorizedKeysFile {w}/authorized_keys
@@ -269,15 +270,18 @@ def _ssh_options(fleet: Fleet) -> list[str]:
             "-o", "ConnectTimeout=30", "-o", "LogLevel=ERROR", "-i", str(fleet.client_key), "-l", "root"]
 
 
-def run_openssh(fleet: Fleet, parallel: int) -> Measure:
+def run_openssh(fleet: Fleet, parallel: int, kex: str | None = None) -> Measure:
     (fleet.work / "addresses").write_text("\n".join(fleet.addresses) + "\n")
     # xargs aborts everything when one command exits 255 (an ssh failure): a tiny sh keeps it going
     # and names the host that failed.
     wrapper = 'ssh "$@" || echo "FAILED $? ${HOST}"'
+    extra = ["-o", f"KexAlgorithms={kex}"] if kex else []
     xargs = ["xargs", "-a", str(fleet.work / "addresses"), "-P", str(parallel), "-I{}",
-             "env", "HOST={}", "sh", "-c", wrapper, "ssh", *_ssh_options(fleet), "{}", fleet.command]
-    return measure("openssh", ["ip", "netns", "exec", fleet.netns, *xargs], len(fleet.addresses),
-                   _count_lines, note=f"xargs -P {parallel}, strict host keys")
+             "env", "HOST={}", "sh", "-c", wrapper, "ssh", *_ssh_options(fleet), *extra, "{}", fleet.command]
+    name = "openssh-x25519" if kex else "openssh"
+    what = f"KexAlgorithms={kex}" if kex else "OpenSSH default kex (sntrup761x25519 on 9.2)"
+    return measure(name, ["ip", "netns", "exec", fleet.netns, *xargs], len(fleet.addresses),
+                   _count_lines, note=f"xargs -P {parallel}, strict host keys, {what}")
 
 
 FABRIC = """
@@ -400,6 +404,8 @@ def _run(driver: str, fleet: Fleet, args: argparse.Namespace) -> Measure | None:
         return run_ipsec_kill(fleet, args.kill_parallel)
     if driver == "openssh":
         return run_openssh(fleet, args.parallel)
+    if driver == "openssh-x25519":
+        return run_openssh(fleet, args.parallel, kex="curve25519-sha256")
     if driver == "fabric":
         return run_fabric(fleet, args.parallel)
     if driver == "ansible":
