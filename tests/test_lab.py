@@ -12,8 +12,6 @@ import pytest
 
 from tests.lab_fixture import LabHandle, lab_skip_reason
 
-pytestmark = pytest.mark.lab
-
 A, B = "cp1001", "cp3001"  # a core <-> edge pair of cache_text in the default lab
 
 
@@ -56,7 +54,33 @@ def test_probe_classifies_tcpdump_lines() -> None:
     assert (counts.esp, counts.cleartext_icmp, counts.ike) == (2, 2, 1)
 
 
+def test_cli_status_without_a_lab_says_what_to_do(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from rollout.cli import _register, app, run_guarded
+
+    _register()
+    runner = CliRunner()
+    result = runner.invoke(app, ["lab", "status", "--state-dir", str(tmp_path)])
+    assert isinstance(result.exception, Exception) and "no lab in" in str(result.exception)
+    argv = ["lab", "fault", "list", "--state-dir", str(tmp_path)]
+    code = run_guarded(lambda: app(argv, standalone_mode=False))
+    assert code == 30
+
+
+def test_spec_addresses_names_and_json_round_trip() -> None:
+    from rollout.lab.spec import LabSpec, build_spec
+
+    spec = build_spec(("core1", "edge1", "x:edge"), hosts_per_cluster=3,
+                      clusters=("cache_text", "cache_upload"))
+    assert len(spec.hosts) == 18 and len({h.short for h in spec.hosts}) == 18
+    assert spec.host("cu3103").tier.value == "edge"
+    assert str(spec.host("cp1001").ipv6) == "fd00:1ab::11" and spec.host("198.18.0.12").short == "cp1002"
+    assert LabSpec.from_json(spec.to_json()) == spec
+
+
 # --- the running lab ---------------------------------------------------------------------------------
+@pytest.mark.lab
 def test_ssh_to_every_host_with_strict_host_keys(lab: LabHandle) -> None:
     with lab.exclusive():  # another session's test may be stopping charon somewhere right now
         for short, host in lab.hosts.items():
@@ -65,6 +89,7 @@ def test_ssh_to_every_host_with_strict_host_keys(lab: LabHandle) -> None:
             assert result.stdout.split() == [short, host.fqdn, "charon-active"]
 
 
+@pytest.mark.lab
 def test_unknown_host_key_is_refused(lab: LabHandle, tmp_path: Path) -> None:
     host = lab.host(A)
     empty = tmp_path / "known_hosts"
@@ -78,6 +103,7 @@ def test_unknown_host_key_is_refused(lab: LabHandle, tmp_path: Path) -> None:
     assert "Host key verification failed" in done.stderr
 
 
+@pytest.mark.lab
 def test_guest_starts_clean(clean_lab: LabHandle) -> None:
     host = clean_lab.host(A)
     out = host.run("ls -A /etc/swanctl/conf.d; swanctl --list-conns; ip xfrm state list nokeys", check=True)
@@ -87,6 +113,7 @@ def test_guest_starts_clean(clean_lab: LabHandle) -> None:
     assert perms.stdout.split() == ["600", "644"]
 
 
+@pytest.mark.lab
 def test_charon_supervisor_restarts_unless_disabled(clean_lab: LabHandle) -> None:
     host = clean_lab.host(B)
     host.run("/etc/lab/svc stop", check=True)
@@ -142,6 +169,7 @@ def _wait_for_sas(lab: LabHandle, a: str, b: str, timeout: float = 120.0) -> Non
     pytest.fail(f"no transport-mode SAs between {a} and {b} after {timeout:.0f} s\n{logs}")
 
 
+@pytest.mark.lab
 def test_esp_on_the_wire_then_cleartext_after_teardown(clean_lab: LabHandle) -> None:
     from rollout.lab.probe import count_packets
 
@@ -171,6 +199,7 @@ def small_lab_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path("/tmp") / f"ipsec-lab-small-{tmp_path_factory.getbasetemp().name}"
 
 
+@pytest.mark.lab
 def test_up_recovers_and_down_leaves_nothing(small_lab_dir: Path) -> None:
     from rollout import lab as labmod
     from rollout.errors import LabError
@@ -198,6 +227,7 @@ def test_up_recovers_and_down_leaves_nothing(small_lab_dir: Path) -> None:
     assert not net.netns_exists("ipsec-lab-small")
 
 
+@pytest.mark.lab
 def test_faults_break_and_restore(clean_lab: LabHandle) -> None:
     from rollout.lab import faults
 
