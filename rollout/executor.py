@@ -581,7 +581,7 @@ class Executor:
         self._check_stop()
         self._heartbeat(run)
         try:
-            res = self.rt.transport.run(host, step.command, timeout=step.timeout, stdin=step.stdin)
+            res = self._transport_run(host, step)
         except errors.HostUnreachable as exc:
             out = _StepOutcome(ok=False, unreachable=True, detail=exc.message)
         except errors.TransportError as exc:  # CommandTimeout: it ran, maybe partly
@@ -592,6 +592,15 @@ class Executor:
         if step.mutating and run.audit is not None:
             run.audit.record(host.fqdn, step.name, "ok" if out.ok else "failed", out.detail)
         return out
+
+    def _transport_run(self, host: Host, step: Step) -> CommandResult:
+        """Read-only steps are retried once on a transport error; mutating ones never are."""
+        try:
+            return self.rt.transport.run(host, step.command, timeout=step.timeout, stdin=step.stdin)
+        except errors.TransportError:
+            if step.mutating:
+                raise
+        return self.rt.transport.run(host, step.command, timeout=step.timeout, stdin=step.stdin)
 
     def _check_stop(self) -> None:
         for flag in self.rt.stop_flags:
@@ -658,12 +667,18 @@ class Executor:
         names = sorted(set(hosts))
 
         def one(fqdn: str) -> health.HostObservation:
-            try:
-                res = self.rt.transport.run(self.fleet.host(fqdn), "sh -s", timeout=self.rt.collect_timeout,
-                                            stdin=self._collect)
-            except errors.TransportError as exc:
-                return health.unreachable_observation(fqdn, exc.message)
-            return health.parse_collect(res.stdout, host=fqdn)
+            # Read-only, so retried once: one slow answer (a loaded control host, a busy guest)
+            # must not make a host "unreachable" and burn the failure budget.
+            for attempt in (1, 2):
+                try:
+                    res = self.rt.transport.run(self.fleet.host(fqdn), "sh -s",
+                                                timeout=self.rt.collect_timeout, stdin=self._collect)
+                except errors.TransportError as exc:
+                    if attempt == 2:
+                        return health.unreachable_observation(fqdn, exc.message)
+                    continue
+                return health.parse_collect(res.stdout, host=fqdn)
+            raise AssertionError("unreachable")
 
         return dict(zip(names, _pool(one, names, 32), strict=True))
 
