@@ -92,7 +92,8 @@ def status(state_dir: StateOpt = None,
     sick = [r.short for r in rows if not r.healthy]
     if sick:
         raise LabError(f"{len(sick)} lab host(s) not healthy: {', '.join(sick)}",
-                       hint="ipsec-rollout lab up  (restarts only those)")
+                       hint="`ipsec-rollout lab fault list` shows deliberate faults; "
+                            "`ipsec-rollout lab up` restarts the other unhealthy hosts")
 
 
 def _status_table(lab: labmod.Lab, rows: tuple[labmod.HostStatus, ...]) -> None:
