@@ -123,6 +123,7 @@ def write_known_hosts(paths: LabPaths, spec: LabSpec) -> None:
 def prepare_state_dir(paths: LabPaths, spec: LabSpec) -> None:
     """Everything the guests need, created once and reused on later `up`s."""
     paths.root.mkdir(parents=True, exist_ok=True)
+    paths.root.chmod(0o700)  # CA key and the lab's client key live here (guests read it as root)
     for sub in (paths.uml_dir, paths.control_dir, paths.inventory_dir):
         sub.mkdir(parents=True, exist_ok=True)
     paths.control_dir.chmod(0o700)
