@@ -58,9 +58,9 @@ def test_outputs_logs_journal_audit_and_report_never_carry_keys(lab: LabHandle, 
         finally:
             lab.reset([a, b])
     files = [*state.rglob("*"), *(tmp_path / "kill").rglob("*"), tmp_path / "kill.json"]
+    assert all(outputs.values()), [k for k, v in outputs.items() if not v]  # every command printed something
     outputs |= {str(p): p.read_text(errors="replace") for p in files if p.is_file()}
     assert any("journal.jsonl" in k for k in outputs) and any("audit" in k for k in outputs)
-    assert all(outputs.values())
     leaks = {name: KEYS.findall(text)[:3] for name, text in outputs.items() if KEYS.search(text)}
     assert leaks == {}
     assert "Traceback" not in "".join(outputs.values())
