@@ -391,8 +391,24 @@ class ResolvedSettings:
         return action
 
 
+_RESOLVED: dict[tuple[str, str, str], ResolvedSettings] = {}  # a memo: every host's render asks
+
+
 def resolve(ipsec: model.IpsecSettings) -> ResolvedSettings:
     """Profile defaults + overrides -> validated settings. Raises errors.RenderError."""
+    # The answer depends on these three alone. repr() keys the memo so that values equal in Python
+    # but parsed or rendered differently (True / 1 / 1.0, 0.0 / -0.0) are not confused.
+    key = (ipsec.profile, repr(ipsec.overrides), repr(ipsec.charon_overrides))
+    settings = _RESOLVED.get(key)
+    if settings is None:
+        settings = _resolve(ipsec)
+        if len(_RESOLVED) >= 32:
+            _RESOLVED.clear()
+        _RESOLVED[key] = settings
+    return settings
+
+
+def _resolve(ipsec: model.IpsecSettings) -> ResolvedSettings:
     profile = _profile(ipsec.profile)
     values = _apply(profile, ipsec.overrides)
     charon = _apply_charon(profile, ipsec.charon_overrides)
