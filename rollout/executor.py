@@ -461,8 +461,10 @@ class Executor:
             verdict = steps.parse_preflight(out.stdout)
             if verdict.latched:
                 latched.append(hp.fqdn)
-            elif not verdict.ok or not out.ok:
-                problems.append(f"{hp.fqdn}: {'; '.join(verdict.problems) or out.detail}")
+            elif not out.ok:
+                problems.append(f"{hp.fqdn}: preflight did not complete: {out.detail}")
+            elif not verdict.ok:
+                problems.append(f"{hp.fqdn}: {'; '.join(verdict.problems)}")
             else:
                 for warning in verdict.warnings:
                     self._emit(run, WARNING, stage=sp.name, batch=bp.index, host=hp.fqdn, message=warning)
@@ -594,13 +596,15 @@ class Executor:
         return out
 
     def _transport_run(self, host: Host, step: Step) -> CommandResult:
-        """Read-only steps are retried once on a transport error; mutating ones never are."""
+        """Read-only steps are retried once on a transport error; mutating ones never are. A step
+        gets at least the host's `ssh.command_timeout` (the inventory's bound for slow hosts)."""
+        timeout = max(step.timeout, host.ssh.command_timeout)
         try:
-            return self.rt.transport.run(host, step.command, timeout=step.timeout, stdin=step.stdin)
+            return self.rt.transport.run(host, step.command, timeout=timeout, stdin=step.stdin)
         except errors.TransportError:
             if step.mutating:
                 raise
-        return self.rt.transport.run(host, step.command, timeout=step.timeout, stdin=step.stdin)
+        return self.rt.transport.run(host, step.command, timeout=timeout, stdin=step.stdin)
 
     def _check_stop(self) -> None:
         for flag in self.rt.stop_flags:
