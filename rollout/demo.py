@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from rollout import inventory, pairing
-from rollout.errors import LabError
+from rollout.errors import ExitCode, LabError
 from rollout.model import Family, Pair
 
 
@@ -136,6 +136,8 @@ class Tour:
              "host in parallel.", self.kill),
             ("Traffic after the kill", "Cleartext again, and still flowing.", self.wire_clear),
             ("Status after the kill", "Killed hosts show as latched, not as failures.", self.status_after),
+            ("The latch holds", "A rollout refuses latched hosts until an operator lifts the latch "
+             "explicitly with ipsec-kill --rearm.", self.latch_holds),
             ("Clean up", "Stop every UML host and remove the namespace.", self.cleanup),
         ]
 
@@ -179,7 +181,8 @@ class Tour:
         report = (self.options.state_dir or self.lab_dirs()[0].parent) / "ipsec-kill-demo.json"
         self.run([*tool("ipsec-kill"), "--all", "--yes", "--inventory", str(inv), "--report", str(report),
                   "--reason", "demo: kill switch drill"])
-        self.run([*tool("ipsec-kill"), "--all", "--yes", "--inventory", str(inv), "--report", str(report),
+        self.run([*tool("ipsec-kill"), "--all", "--yes", "--inventory", str(inv),
+                  "--report", str(report.with_name("ipsec-kill-demo-again.json")),
                   "--reason", "demo: second run is idempotent"])
 
     def wire_clear(self) -> None:
@@ -193,6 +196,13 @@ class Tour:
         inv, _ = self.lab_dirs()
         # status exits non-zero while hosts are latched; that is the point of the latch.
         self.run([*tool("ipsec-rollout"), "status", "--inventory", str(inv)], ok_codes=(0, 1, 2))
+
+    def latch_holds(self) -> None:
+        inv, books = self.lab_dirs()
+        self.run([*tool("ipsec-rollout"), "apply", self.options.playbook, "--inventory", str(inv),
+                  "--playbooks", str(books), "--yes", "--reason", "demo: must be refused"],
+                 ok_codes=(int(ExitCode.HOST_LATCHED),))
+        self.prove("apply refused on latched hosts", True, f"exit {int(ExitCode.HOST_LATCHED)}")
         self.run([*tool("ipsec-kill"), "--rearm", "--all", "--yes", "--inventory", str(inv),
                   "--report", str(inv.parent / "ipsec-rearm-demo.json")])
 
