@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
+from operator import attrgetter, itemgetter
 
 from rollout.errors import EmptyPairingRuleError, InputError
 from rollout.model import Connection, Family, Fleet, Host, Pair, PairingRule, Selector
@@ -29,9 +31,10 @@ def select(selector: Selector, fleet: Fleet, hosts: Iterable[Host] | None = None
 def compute_pairs(fleet: Fleet) -> tuple[Pair, ...]:
     """All pairs from all rules, sorted; a pair found by several rules is kept once (first rule wins)."""
     found: dict[tuple[str, str], Pair] = {}
+    index = _Index(fleet)
     for rule in fleet.rules:
         produced = 0
-        for pair in _rule_pairs(rule, fleet):
+        for pair in _rule_pairs(rule, index):
             produced += 1
             found.setdefault((pair.a, pair.b), pair)
         if produced == 0:
@@ -40,18 +43,44 @@ def compute_pairs(fleet: Fleet) -> tuple[Pair, ...]:
                 file=rule.source or None,
                 hint="check its sites/clusters/hosts; pairs are never made within one site or across "
                      "clusters unless the rule sets allow_same_site / same_cluster: false")
-    pairs = tuple(sorted(found.values()))
+    pairs = tuple(sorted(found.values(), key=_PAIR_ORDER))
     _check_connection_names(pairs)
     return pairs
 
 
-def _rule_pairs(rule: PairingRule, fleet: Fleet) -> Iterable[Pair]:
-    side_a = _group(select(rule.a, fleet), rule.same_cluster)
-    side_b = _group(select(rule.b, fleet), rule.same_cluster)
+_PAIR_ORDER = attrgetter("a", "b", "families", "rule")  # Pair's own order, compared in C
+
+
+class _Index:
+    """What every rule asks of the fleet, computed once: each host's address families, and the hosts
+    each host glob matches (sharded fleets have a rule per shard; matching every rule's globs against
+    every host would grow with the square of the fleet)."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.families = {h.fqdn: h.families for h in fleet.hosts.values()}
+        self._by_glob: dict[str, list[Host]] = {}
+
+    def candidates(self, selector: Selector) -> Iterable[Host]:
+        """The hosts the selector's globs allow (every host without globs), in fleet order."""
+        hosts = self.fleet.hosts.values()
+        for glob in selector.hosts:
+            if glob not in self._by_glob:
+                match = re.compile(fnmatch.translate(glob)).match  # what fnmatch.fnmatchcase does
+                self._by_glob[glob] = [h for h in hosts if match(h.fqdn)]
+        if len(selector.hosts) != 1:
+            allowed = {h.fqdn for glob in selector.hosts for h in self._by_glob[glob]}
+            return [h for h in hosts if h.fqdn in allowed] if selector.hosts else hosts
+        return self._by_glob[selector.hosts[0]]
+
+
+def _rule_pairs(rule: PairingRule, index: _Index) -> Iterable[Pair]:
+    side_a = _group(select(rule.a, index.fleet, index.candidates(rule.a)), rule.same_cluster)
+    side_b = _group(select(rule.b, index.fleet, index.candidates(rule.b)), rule.same_cluster)
     for group, hosts_a in side_a.items():
         for x in hosts_a:
             for y in side_b.get(group, ()):
-                pair = _pair(x, y, rule)
+                pair = _pair(x, y, rule, index.families)
                 if pair is not None:
                     yield pair
 
@@ -63,14 +92,15 @@ def _group(hosts: list[Host], by_cluster: bool) -> dict[str, list[Host]]:
     return groups
 
 
-def _pair(x: Host, y: Host, rule: PairingRule) -> Pair | None:
+def _pair(x: Host, y: Host, rule: PairingRule, families: Mapping[str, tuple[Family, ...]]) -> Pair | None:
     if x.fqdn == y.fqdn or (x.site == y.site and not rule.allow_same_site):
         return None
-    families = tuple(f for f in x.families if f in y.families)
-    if not families:
+    fx, fy = families[x.fqdn], families[y.fqdn]
+    shared = fx if fx == fy else tuple(f for f in fx if f in fy)
+    if not shared:
         return None
-    a, b = sorted((x.fqdn, y.fqdn))
-    return Pair(a=a, b=b, families=families, rule=rule.name)
+    a, b = (x.fqdn, y.fqdn) if x.fqdn < y.fqdn else (y.fqdn, x.fqdn)
+    return Pair(a=a, b=b, families=shared, rule=rule.name)
 
 
 def _check_connection_names(pairs: tuple[Pair, ...]) -> None:
@@ -95,9 +125,9 @@ def pairs_by_host(pairs: Iterable[Pair]) -> dict[str, tuple[Pair, ...]]:
 
 
 def connections_of(fqdn: str, host_pairs: Iterable[Pair]) -> tuple[Connection, ...]:
-    conns = [Connection(local=fqdn, peer=p.peer_of(fqdn), family=f, initiator=p.initiator == fqdn)
-             for p in host_pairs for f in p.families]
-    return tuple(sorted(conns, key=lambda c: (c.peer, c.family)))
+    rows = sorted(((p.peer_of(fqdn), f, p.initiator == fqdn) for p in host_pairs for f in p.families),
+                  key=itemgetter(0, 1))  # by peer, then family
+    return tuple(Connection(local=fqdn, peer=peer, family=f, initiator=init) for peer, f, init in rows)
 
 
 def connections_for(fleet: Fleet, pairs: Iterable[Pair], fqdn: str) -> tuple[Connection, ...]:

@@ -86,8 +86,7 @@ def render_host(fleet: model.Fleet, pairs: tuple[model.Pair, ...], fqdn: str, *,
     conns = pairing.connections_for(fleet, pairs, fqdn)
     values = _host_values(host)
     layout = _layout(flavour.stack, settings, enforce)
-    blocks = [layout.connection.format_map(_conn_values(fleet, c, settings, enforce, values, layout.stack))
-              for c in conns]
+    blocks = _connection_blocks(fleet, host, conns, settings, enforce, layout, values)
     _check_unique_names(fqdn, conns)
     values["connections"] = layout.separator.join(blocks)
     return RenderedHost(fqdn=fqdn, stack=flavour.stack, flavour=flavour, enforce=enforce, settings=settings,
@@ -135,28 +134,33 @@ def _host_values(host: model.Host) -> dict[str, str]:
     return {"fqdn": host.fqdn, "local_cert": f"{host.certname}.pem", "local_id": f"CN={host.certname}"}
 
 
-def _conn_values(fleet: model.Fleet, conn: model.Connection, s: ResolvedSettings, enforce: bool,
-                 host_values: Mapping[str, str], stack: model.Stack) -> dict[str, str]:
-    """The per-connection placeholders of a connection block (`c_<name>` for the template's c.<name>)."""
-    local, peer = _host(fleet, conn.local), _host(fleet, conn.peer)
-    local_addr, remote_addr = local.address(conn.family), peer.address(conn.family)
-    if local_addr is None or remote_addr is None:
-        raise errors.RenderError(f"{conn.local} -> {conn.peer}: no {conn.family} address on both ends",
-                                 key=f"hosts.{conn.local}")
-    if enforce:
-        start, auto = "trap", "route"
-    else:
-        start, auto = ("start", "start") if conn.initiator else ("none", "add")
-    dpd = s.dpd_action_for(conn.local, conn.peer, initiator=conn.initiator, enforce=enforce)
-    return {
-        **host_values, "c_name": conn.name, "c_family": conn.family,
-        "c_local_addr": _address_text(local_addr), "c_remote_addr": _address_text(remote_addr),
-        "c_local_id": f"CN={local.certname}", "c_remote_id": f"CN={peer.certname}",
-        "c_start_action": start, "c_auto": auto,
-        "c_dpd_action": _STROKE_ACTION[dpd] if stack is model.Stack.STROKE else dpd,
-    }
+def _connection_blocks(fleet: model.Fleet, host: model.Host, conns: tuple[model.Connection, ...],
+                       s: ResolvedSettings, enforce: bool, layout: _Layout,
+                       host_values: Mapping[str, str]) -> list[str]:
+    """One filled connection block per connection (the hot loop: ~20 per host)."""
+    local_addr = {f: _address_text(a) for f in model.FAMILIES if (a := host.address(f)) is not None}
+    stroke = layout.stack is model.Stack.STROKE
+    blocks = []
+    for conn in conns:
+        peer = _host(fleet, conn.peer)
+        remote_addr = peer.address(conn.family)
+        if conn.family not in local_addr or remote_addr is None:
+            raise errors.RenderError(f"{conn.local} -> {conn.peer}: no {conn.family} address on both ends",
+                                     key=f"hosts.{conn.local}")
+        start, auto = _START[enforce, conn.initiator]
+        dpd = s.dpd_action_for(conn.local, conn.peer, initiator=conn.initiator, enforce=enforce)
+        blocks.append(layout.connection % {
+            **host_values, "c_name": conn.name, "c_family": conn.family,
+            "c_local_addr": local_addr[conn.family], "c_remote_addr": _address_text(remote_addr),
+            "c_local_id": host_values["local_id"], "c_remote_id": f"CN={peer.certname}",
+            "c_start_action": start, "c_auto": auto, "c_dpd_action": _STROKE_ACTION[dpd] if stroke else dpd,
+        })
+    return blocks
 
 
+# (enforce, initiator) -> (swanctl start_action, ipsec.conf auto)
+_START = {(True, True): ("trap", "route"), (True, False): ("trap", "route"),
+          (False, True): ("start", "start"), (False, False): ("none", "add")}
 _CONN_FIELDS = ("name", "family", "local_addr", "remote_addr", "local_id", "remote_id", "start_action",
                 "auto", "dpd_action")
 
@@ -203,15 +207,16 @@ def _stroke_settings(s: ResolvedSettings) -> dict[str, object]:
 
 # ----------------------------------------------------------------------------------------------
 # Layouts: the templates rendered once per (stack, settings, posture), with placeholders where the
-# per-host and per-connection values go. A host is then a few str.format_map calls, not a template
+# per-host and per-connection values go. A host is then a few `pattern % values`, not a template
 # render per connection (jinja's attribute lookups were ~3 ms per host).
 # ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, kw_only=True)
 class _Layout:
-    """str.format patterns of one stack's files, with placeholders fqdn, local_cert, local_id and
-    connections; `connection` is one connection block (those plus c_<field> for the template's c.<field>)."""
+    """printf-style patterns (`%(name)s`) of one stack's files, with placeholders fqdn, local_cert,
+    local_id and connections; `connection` is one connection block (those plus c_<field> for the
+    template's c.<field>)."""
 
     stack: model.Stack
     conf: str  # swanctl.conf or ipsec.conf
@@ -229,9 +234,10 @@ def _placeholders(*names: str, prefix: str = "") -> dict[str, str]:
 
 
 def _pattern(template: str, **context: object) -> str:
-    """Render `template` with placeholders among its values -> a str.format pattern (braces doubled)."""
-    text = _render(template, **context).replace("{", "{{").replace("}", "}}")
-    return _PLACEHOLDER.sub(r"{\1}", text)
+    """Render `template` with placeholders among its values -> a `%(name)s` pattern ('%' doubled).
+    printf-style, because `pattern % values` is ~5x faster than str.format_map on these blocks."""
+    text = _render(template, **context).replace("%", "%%")
+    return _PLACEHOLDER.sub(r"%(\1)s", text)
 
 
 @lru_cache(maxsize=64)
@@ -252,12 +258,12 @@ def _layout(stack: model.Stack, s: ResolvedSettings, enforce: bool) -> _Layout:
 
 def _files(flavour: model.OsFlavour, layout: _Layout, values: Mapping[str, str]) -> tuple[RenderedFile, ...]:
     charon = RenderedFile(path=f"{flavour.strongswan_conf_dir}/{CHARON_SNIPPET}",
-                          content=layout.charon.format_map(values), mode=0o644)
+                          content=layout.charon % values, mode=0o644)
     if layout.stack is model.Stack.SWANCTL:
-        conf = layout.conf.format_map(values)
+        conf = layout.conf % values
         return (RenderedFile(path=f"{flavour.swanctl_dir}/{SWANCTL_CONF}", content=conf, mode=0o644), charon)
-    return (RenderedFile(path=LEGACY_CONF, content=layout.conf.format_map(values), mode=0o644),
-            RenderedFile(path=LEGACY_SECRETS, content=layout.secrets.format_map(values), mode=0o600), charon)
+    return (RenderedFile(path=LEGACY_CONF, content=layout.conf % values, mode=0o644),
+            RenderedFile(path=LEGACY_SECRETS, content=layout.secrets % values, mode=0o600), charon)
 
 
 def _material(fleet: model.Fleet, host: model.Host, flavour: model.OsFlavour) -> tuple[MaterialCopy, ...]:
