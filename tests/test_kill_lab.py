@@ -30,13 +30,19 @@ SLOW = ["--connect-timeout", "40", "--command-timeout", "150", "--deadline", "60
 
 
 def _deploy_all(lab: LabHandle) -> None:
-    """Render every pair of the lab inventory, install and load on every host (rollout.render)."""
+    """Render every pair of the lab inventory, install and load on every host (rollout.render).
+
+    In waves, responders first (hosts that initiate fewer pairs), so that no initiator's first attempt
+    meets a peer with nothing loaded; then every initiator (re)initiates its connections explicitly.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     from rollout import pairing, render
 
     fleet = lab.fleet()
     pairs = pairing.compute_pairs(fleet)
+    initiated = {h: sum(1 for p in pairs if p.initiator == h) for h in fleet.hosts}
+    children: dict[str, list[str]] = {}
 
     def install(fqdn: str) -> None:
         rendered = render.render_host(fleet, pairs, fqdn)
@@ -46,9 +52,19 @@ def _deploy_all(lab: LabHandle) -> None:
         script += [f"cat > {shlex.quote(f.path)} <<'LABEOF'\n{f.content}LABEOF" for f in rendered.files]
         script.append("swanctl --reload-settings && swanctl --load-all")
         lab.host(fqdn).run("\n".join(script), check=True, timeout=180)
+        children[fqdn] = [c.name for c in rendered.connections if c.initiator]
 
     with ThreadPoolExecutor(max_workers=8) as pool:
-        list(pool.map(install, sorted(fleet.hosts)))
+        for wave in sorted(set(initiated.values())):
+            list(pool.map(install, sorted(h for h, n in initiated.items() if n == wave)))
+        list(pool.map(_initiate, [(lab, h, children[h]) for h in sorted(fleet.hosts) if children[h]]))
+
+
+def _initiate(args: tuple[LabHandle, str, list[str]]) -> None:
+    lab, fqdn, names = args
+    script = "; ".join(f"swanctl --initiate --child {shlex.quote(n)} --timeout 30 >/dev/null 2>&1"
+                       for n in names)
+    lab.host(fqdn).run(script, timeout=60 + 35 * len(names))
 
 
 def _counts(lab: LabHandle, short: str) -> dict[str, int]:
