@@ -24,7 +24,7 @@ err_console = Console(stderr=True)
 
 # Each sub-module registers its commands on `app` when imported (keeps this file small and lets
 # several people work on separate command groups).
-_COMMAND_MODULES = ("inventory", "plan", "apply", "monitor", "lab", "demo")
+_COMMAND_MODULES = ("inventory", "plan", "apply", "monitor", "kill", "lab", "demo")
 
 
 def _register() -> None:
