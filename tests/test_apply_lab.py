@@ -139,6 +139,7 @@ class SpoilCertAfterPreflight:
         self.inner.close()
 
 
+@pytest.mark.drill
 def test_lab_bad_certificate_batch_is_rolled_back(clean_lab: LabHandle, transport: Any,
                                                   tmp_path: Path) -> None:
     fleet = clean_lab.fleet()
@@ -169,6 +170,7 @@ def _journal_steps(state_dir: Path) -> tuple[str | None, int]:
     return runs[-1].parent.name, sum(1 for r in records if r.get("type") == journal.STEP)
 
 
+@pytest.mark.drill
 def test_lab_concurrent_apply_refused_then_sigkill_and_resume(clean_lab: LabHandle, transport: Any,
                                                               tmp_path: Path) -> None:
     book = tmp_path / "lab-fast.yaml"

@@ -29,6 +29,7 @@ def _cli(main: str, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=900, env=env, stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.drill
 def test_outputs_logs_journal_audit_and_report_never_carry_keys(lab: LabHandle, tmp_path: Path) -> None:
     from tests.faults.test_lab_faults import _plan
 

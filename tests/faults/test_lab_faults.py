@@ -113,6 +113,7 @@ def test_wrong_ca_certificate_is_refused_by_preflight(pair_lab: tuple[LabHandle,
 
 
 # ------------------------------------------------------------------------------------------- F5
+@pytest.mark.drill
 def test_ten_percent_loss_sa_comes_up_and_gate_takes_every_sample(pair_lab: tuple[LabHandle, list[str]],
                                                                    tmp_path: Path) -> None:
     from rollout.lab import faults
@@ -144,7 +145,7 @@ def _steps_journaled(state: Path) -> int:
                if r["type"] == "step")
 
 
-@pytest.mark.parametrize("kill_after", [3, 9])
+@pytest.mark.parametrize("kill_after", [3, pytest.param(9, marks=pytest.mark.drill)])
 def test_cli_sigkilled_mid_apply_then_resume_converges(pair_lab: tuple[LabHandle, list[str]], tmp_path: Path,
                                                        kill_after: int) -> None:
     lab, (a, b) = pair_lab
