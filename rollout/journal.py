@@ -76,6 +76,7 @@ class Journal:
         self._clock = clock
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_torn_tail(path)
         self._seq = len(read_records(path)) if path.exists() else 0
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
 
@@ -101,6 +102,16 @@ class Journal:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """A writer killed mid-record leaves a line without its newline; cut it off so the next record
+    starts on a line of its own (otherwise it would be glued to the torn one and never read back)."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        os.truncate(path, data.rfind(b"\n") + 1)
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

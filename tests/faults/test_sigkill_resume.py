@@ -106,10 +106,6 @@ def _tear_last_record(path: Path) -> None:
     path.write_bytes(data[: last + (len(data) - last) // 2])
 
 
-@pytest.mark.xfail(strict=True, reason="journal.Journal appends after a torn last line without a "
-                   "newline first: the resumed run's first record is glued to the torn one, "
-                   "read_records stops there, and everything the resume journaled is invisible "
-                   "(reported to the executor owner; rollout/journal.py)")
 def test_sigkill_mid_journal_write_then_resume_is_recorded(fleet: Fleet, tmp_path: Path) -> None:
     """A kill while a journal record is half written (torn last line): the resumed run must still be
     recorded, i.e. `runs` shows it completed and a second resume has nothing to do."""
