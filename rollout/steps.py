@@ -9,11 +9,11 @@ derived from it but a yes/no leaves the host.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from rollout import errors, model, profiles, render
 from rollout.render import MaterialCopy, RenderedFile, RenderedHost
@@ -38,7 +38,13 @@ class Step:
 
 
 def q(value: object) -> str:
-    return shlex.quote(str(value))
+    return _quote(str(value))
+
+
+# Planning quotes ~200 values per host, most of them the same paths and connection names again.
+@lru_cache(maxsize=1 << 15)
+def _quote(text: str) -> str:
+    return shlex.quote(text)
 
 
 def _lines(*parts: str) -> str:
@@ -192,13 +198,7 @@ def snapshot_steps(rendered: RenderedHost, run_id: str) -> tuple[Step, ...]:
     """Copy the managed files as they are now; record which existed. Never overwrites a snapshot
     (so a resumed run keeps the state from before its first change)."""
     d = snapshot_dir(run_id)
-    body = []
-    for path in rendered.managed_paths:
-        saved = f"{d}/files{path}"
-        body.append(
-            f"if [ -e {q(path)} ]; then mkdir -p {q(saved.rsplit('/', 1)[0])} && cp -p {q(path)} {q(saved)}"
-            f" && echo {q('present ' + path)} >> {q(d + '/manifest.tmp')}; "
-            f"else echo {q('absent ' + path)} >> {q(d + '/manifest.tmp')}; fi")
+    body = [_snapshot_line(d, path) for path in rendered.managed_paths]
     script = _lines(
         "set -e", "umask 077",
         f"if [ -e {q(d + '/manifest')} ]; then echo '@@snapshot exists'; exit 0; fi",
@@ -209,20 +209,29 @@ def snapshot_steps(rendered: RenderedHost, run_id: str) -> tuple[Step, ...]:
     return (Step("snapshot", script),)
 
 
+@lru_cache(maxsize=1 << 12)
+def _snapshot_line(d: str, path: str) -> str:
+    saved = f"{d}/files{path}"
+    return (f"if [ -e {q(path)} ]; then mkdir -p {q(saved.rsplit('/', 1)[0])} && cp -p {q(path)} {q(saved)}"
+            f" && echo {q('present ' + path)} >> {q(d + '/manifest.tmp')}; "
+            f"else echo {q('absent ' + path)} >> {q(d + '/manifest.tmp')}; fi")
+
+
 def restore_steps(rendered: RenderedHost, run_id: str) -> tuple[Step, ...]:
     """Put the snapshot back (removing files that did not exist), reload, and terminate SAs of
     connections that are no longer configured."""
     d = snapshot_dir(run_id)
-    body = []
-    for path in rendered.managed_paths:
-        saved = f"{d}/files{path}"
-        body.append(f"if grep -qxF {q('present ' + path)} {q(d + '/manifest')}; then "
-                    f"{_atomic_copy(saved, path, preserve=True)}; else rm -f {q(path)}; fi")
     script = _lines(
         "set -e",
         f"if [ ! -e {q(d + '/manifest')} ]; then echo '@@restore no-snapshot' >&2; exit 1; fi",
-        *body, "echo '@@restore done'")
-    return (Step("restore-files", script), *_reload_steps(rendered), _terminate_removed(rendered))
+        *(_restore_line(d, path) for path in rendered.managed_paths), "echo '@@restore done'")
+    return (Step("restore-files", script), *_reload_steps(rendered.flavour), _terminate_removed(rendered))
+
+
+@lru_cache(maxsize=1 << 12)
+def _restore_line(d: str, path: str) -> str:
+    return (f"if grep -qxF {q('present ' + path)} {q(d + '/manifest')}; then "
+            f"{_atomic_copy(f'{d}/files{path}', path, preserve=True)}; else rm -f {q(path)}; fi")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,6 +280,7 @@ def _install_file(f: RenderedFile) -> Step:
     return Step(f"install {f.path}", script, stdin=f.content)
 
 
+@lru_cache(maxsize=1 << 12)
 def _copy_material(m: MaterialCopy) -> Step:
     script = _lines(
         "set -e", "umask 077",
@@ -288,14 +298,14 @@ def _copy_material(m: MaterialCopy) -> Step:
 # ----------------------------------------------------------------------------------------------
 
 
-def _alive(rendered: RenderedHost) -> str:
-    return "swanctl --stats" if rendered.stack is model.Stack.SWANCTL else "ipsec status"
+def _alive(stack: model.Stack) -> str:
+    return "swanctl --stats" if stack is model.Stack.SWANCTL else "ipsec status"
 
 
-def _ensure_running(rendered: RenderedHost) -> Step:
-    alive = _alive(rendered)
+def _ensure_running(flavour: model.OsFlavour) -> Step:
+    alive = _alive(flavour.stack)
     script = _lines(
-        f"if ! {alive} >/dev/null 2>&1; then {rendered.flavour.start}; fi",
+        f"if ! {alive} >/dev/null 2>&1; then {flavour.start}; fi",
         "i=0",
         f"until {alive} >/dev/null 2>&1; do i=$((i+1)); "
         f"if [ $i -ge {CHARON_WAIT} ]; then echo '@@charon unreachable' >&2; exit 1; fi; sleep 1; done",
@@ -304,12 +314,13 @@ def _ensure_running(rendered: RenderedHost) -> Step:
     return Step("ensure-running", script, timeout=CHARON_WAIT + 30.0)
 
 
-def _reload_steps(rendered: RenderedHost) -> tuple[Step, ...]:
-    if rendered.stack is model.Stack.SWANCTL:
+@lru_cache(maxsize=64)
+def _reload_steps(flavour: model.OsFlavour) -> tuple[Step, ...]:
+    if flavour.stack is model.Stack.SWANCTL:
         load = _checked("swanctl --load-all --noprompt")
         settings = Step("reload-settings", "swanctl --reload-settings")
-        return (_ensure_running(rendered), settings, Step("load", load))
-    return (_ensure_running(rendered), Step("load", _checked("ipsec rereadall && ipsec reload")))
+        return (_ensure_running(flavour), settings, Step("load", load))
+    return (_ensure_running(flavour), Step("load", _checked("ipsec rereadall && ipsec reload")))
 
 
 def _checked(command: str) -> str:
@@ -320,22 +331,36 @@ def _checked(command: str) -> str:
 
 def load_steps(rendered: RenderedHost) -> tuple[Step, ...]:
     """Start the service if charon is not running, enable it, load everything."""
-    enable = Step("enable", rendered.flavour.enable)
-    running, *rest = _reload_steps(rendered)
-    return (running, enable, *rest)
+    return _load_steps(rendered.flavour)
+
+
+@lru_cache(maxsize=64)
+def _load_steps(flavour: model.OsFlavour) -> tuple[Step, ...]:
+    running, *rest = _reload_steps(flavour)
+    return (running, Step("enable", flavour.enable), *rest)
 
 
 def initiate_steps(rendered: RenderedHost, conns: Iterable[model.Connection] | None = None, *,
                    timeout: int = 30) -> tuple[Step, ...]:
     """Bring up each connection this host initiates (skipping those already INSTALLED)."""
-    chosen = [c for c in (rendered.connections if conns is None else conns) if c.initiator]
-    return tuple(Step(f"initiate {c.name}", _initiate(rendered, c.name, timeout), timeout=timeout + 15.0)
-                 for c in sorted(chosen))
+    chosen = rendered.connections if conns is None else conns
+    return initiate_steps_for(rendered.stack, chosen, timeout=timeout)
 
 
-def _initiate(rendered: RenderedHost, name: str, timeout: int) -> str:
+def initiate_steps_for(stack: model.Stack, conns: Iterable[model.Connection], *,
+                       timeout: int = 30) -> tuple[Step, ...]:
+    """`initiate_steps` knowing only the host's stack (the planner does not keep rendered hosts)."""
+    return tuple(_initiate(stack, c.name, timeout) for c in sorted(c for c in conns if c.initiator))
+
+
+@lru_cache(maxsize=1 << 14)  # a host's name is initiated by each of its peers
+def _initiate(stack: model.Stack, name: str, timeout: int) -> Step:
+    return Step(f"initiate {name}", _initiate_command(stack, name, timeout), timeout=timeout + 15.0)
+
+
+def _initiate_command(stack: model.Stack, name: str, timeout: int) -> str:
     n = q(name)
-    if rendered.stack is model.Stack.SWANCTL:
+    if stack is model.Stack.SWANCTL:
         return (f"if swanctl --list-sas --noblock --ike {n} 2>/dev/null | grep -q INSTALLED; then "
                 f"echo {q('@@up ' + name)}; "
                 f"else swanctl --initiate --ike {n} --child {n} --timeout {timeout}; fi")
@@ -343,30 +368,34 @@ def _initiate(rendered: RenderedHost, name: str, timeout: int) -> str:
             f"else timeout {timeout} ipsec up {n}; fi")
 
 
-def _terminate(rendered: RenderedHost, name: str) -> str:
+def _terminate(stack: model.Stack, name: str) -> str:
     # No SA to terminate is the usual case and not an error; the health check verifies afterwards.
     n = q(name)
-    if rendered.stack is model.Stack.SWANCTL:
+    if stack is model.Stack.SWANCTL:
         return f"swanctl --terminate --ike {n} --force --timeout 10 >/dev/null 2>&1 || true"
     return f"ipsec down {n} >/dev/null 2>&1 || true"
 
 
-def _still_configured(rendered: RenderedHost, name: str) -> str:
-    if rendered.stack is model.Stack.SWANCTL:
+def _still_configured(stack: model.Stack, name: str) -> str:
+    if stack is model.Stack.SWANCTL:
         return f"swanctl --list-conns 2>/dev/null | grep -q {q('^' + name + ':')}"
     return f"grep -Eq {q('^conn[[:space:]]+' + name + '[[:space:]]*$')} {q(render.LEGACY_CONF)}"
 
 
 def _terminate_removed(rendered: RenderedHost) -> Step:
-    body = [f"if ! {_still_configured(rendered, c.name)}; then {_terminate(rendered, c.name)}; fi"
-            for c in rendered.connections]
+    body = [_terminate_if_removed(rendered.stack, c.name) for c in rendered.connections]
     return Step("terminate-removed", _lines(*body, "echo '@@terminated'"), timeout=120.0)
+
+
+@lru_cache(maxsize=1 << 14)  # a host's name is in the restore step of each of its peers
+def _terminate_if_removed(stack: model.Stack, name: str) -> str:
+    return f"if ! {_still_configured(stack, name)}; then {_terminate(stack, name)}; fi"
 
 
 def unload_steps(rendered: RenderedHost, conns: Iterable[model.Connection] | None = None) -> tuple[Step, ...]:
     """Terminate the given connections' SAs (all of this host's by default), forcing."""
     chosen = sorted(rendered.connections if conns is None else conns)
-    body = [_terminate(rendered, c.name) for c in chosen]
+    body = [_terminate(rendered.stack, c.name) for c in chosen]
     return (Step("terminate", _lines(*body, "echo '@@terminated'"), timeout=120.0),)
 
 
@@ -387,7 +416,7 @@ def teardown_steps(rendered: RenderedHost) -> tuple[Step, ...]:
              for f in rendered.files if f.path in _STUBS]
     removed = [p for p in rendered.managed_paths if p not in _STUBS]
     remove = Step("remove-files", _lines("rm -f " + " ".join(q(p) for p in removed), "echo '@@removed'"))
-    reload = Step("reload", _lines(f"if {_alive(rendered)} >/dev/null 2>&1; then",
+    reload = Step("reload", _lines(f"if {_alive(rendered.stack)} >/dev/null 2>&1; then",
                                    _checked(_reload_command(rendered)), "fi"))
     return (remove, *(_install_file(s) for s in stubs), reload, *unload_steps(rendered))
 
@@ -404,7 +433,7 @@ def _reload_command(rendered: RenderedHost) -> str:
 
 
 def expected_digests(rendered: RenderedHost) -> dict[str, str]:
-    return {f.path: hashlib.sha256(f.content.encode()).hexdigest() for f in rendered.files}
+    return {f.path: f.sha256 for f in rendered.files}
 
 
 def check_current_steps(rendered: RenderedHost) -> tuple[Step, ...]:
