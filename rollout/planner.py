@@ -144,6 +144,14 @@ class _Ctx:
     by_host: Mapping[str, tuple[model.Pair, ...]]
     run_id: str
     renderer: FleetRenderer
+    refs: dict[tuple[str, str, str], SaRef] = dataclasses.field(default_factory=dict)
+
+    def sa_ref(self, host: str, peer: str, family: model.Family) -> SaRef:
+        """One SaRef object per SA: a plan lists each SA ~4 times (batch and stage, up and waiting)."""
+        ref = self.refs.get((host, peer, family))
+        if ref is None:
+            ref = self.refs[host, peer, family] = SaRef(host=host, peer=peer, family=family)
+        return ref
 
 
 def build_plan(fleet: model.Fleet, pairs: Iterable[model.Pair], playbook: Playbook, *,
@@ -200,7 +208,7 @@ def _batch_plan(ctx: _Ctx, index: int, fqdns: tuple[str, ...], enforce: bool, en
     hosts = tuple(_host_plan(ctx, f, enforce, tuple(initiate.get(f, ()))) for f in fqdns)
     peers = tuple(PeerAction(host=h, steps=_initiate_steps(ctx, h, tuple(conns)))
                   for h, conns in sorted(initiate.items()) if h not in new)
-    sa_up = _sorted_refs(SaRef(host=p.a, peer=p.b, family=f) for p in completing for f in p.families)
+    sa_up = _sorted_refs(ctx.sa_ref(p.a, p.b, f) for p in completing for f in p.families)
     return BatchPlan(index=index, hosts=hosts, sa_up=sa_up, sa_waiting=_waiting(ctx, enabled, fqdns),
                      peer_actions=peers)
 
@@ -218,7 +226,7 @@ def _completing_pairs(ctx: _Ctx, fqdns: tuple[str, ...], enabled: set[str],
 
 def _waiting(ctx: _Ctx, enabled: set[str], hosts: Iterable[str] | None = None) -> tuple[SaRef, ...]:
     """SAs of `hosts` (default: every enabled host) whose peer is not enabled."""
-    refs = [SaRef(host=h, peer=peer, family=f)
+    refs = [ctx.sa_ref(h, peer, f)
             for h in (enabled if hosts is None else hosts) for p in ctx.by_host.get(h, ())
             if (peer := p.peer_of(h)) not in enabled for f in p.families]
     return _sorted_refs(refs)
