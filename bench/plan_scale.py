@@ -13,6 +13,7 @@ Every size runs in its own process so that peak RSS (ru_maxrss) belongs to that 
 Wall and CPU seconds are both printed: on a loaded machine CPU time is the steadier figure.
 "render" renders every host of the fleet on its own (informational); "plan" loads the playbook and
 builds the plan, which renders every enabled host again, builds its steps, SA delta and digest.
+Target: validate+pair+plan of 5,000 hosts (~108k connections) in under 10 s and 1 GiB on 2 cores.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def run_one(hosts: int, shard_size: int) -> None:
             pairs = pairing.compute_pairs(fleet)
         with _timed(times, "render"):
             by_host = pairing.pairs_by_host(pairs)
-            rendered = sum(len(render.render_host(fleet, by_host.get(h, ()), h).files) for h in fleet.hosts)
+            renderer = render.FleetRenderer(fleet)  # as the planner renders: one per fleet
+            rendered = sum(len(renderer.render(by_host.get(h, ()), h).files) for h in fleet.hosts)
         with _timed(times, "plan"):
             book = playbook.load_playbook(book_path, fleet, pairs)
             plan = planner.build_plan(fleet, pairs, book)

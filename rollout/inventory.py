@@ -423,15 +423,14 @@ def _ref(name: str, known: Mapping[str, Any], what: str, file: str, key: str, se
 
 
 def _check_addresses(hosts: list[Located]) -> None:
-    owner: dict[str, str] = {}
+    owner: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str] = {}  # equal exactly when str() is
     for h in hosts:
         for family in ("ipv4", "ipv6"):
             addr = getattr(h.value, family)
             if addr is None:
                 continue
-            text = str(addr)
-            if text in owner:
-                raise DuplicateError(f"address {text} is also used by {owner[text]}", file=h.file,
+            if addr in owner:
+                raise DuplicateError(f"address {addr} is also used by {owner[addr]}", file=h.file,
                                      key=f"hosts.{h.key}.{family}",
                                      hint="every host needs its own addresses")
-            owner[text] = h.key
+            owner[addr] = h.key
