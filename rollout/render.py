@@ -9,7 +9,6 @@ the paths configuration management already uses (`RenderedHost.material`, carrie
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -154,20 +153,10 @@ def _host(fleet: model.Fleet, fqdn: str) -> model.Host:
     host = fleet.hosts.get(fqdn)
     if host is None:
         raise errors.RenderError(f"unknown host {fqdn!r}", key="hosts")
-    if not _plain_dns_name(fqdn):
+    if not _FQDN.match(fqdn):
         raise errors.RenderError(f"host name {fqdn!r} is not a plain DNS name", key=f"hosts.{fqdn}",
                                  hint="letters, digits, '-' and '.' only")
     return host
-
-
-@lru_cache(maxsize=1 << 16)
-def _plain_dns_name(fqdn: str) -> bool:
-    return _FQDN.match(fqdn) is not None
-
-
-@lru_cache(maxsize=1 << 16)
-def _address_text(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
-    return str(address)  # ~5 us for IPv6; every address is written once per peer
 
 
 def _check_unique_names(fqdn: str, conns: tuple[model.Connection, ...]) -> None:
@@ -180,7 +169,7 @@ def _check_unique_names(fqdn: str, conns: tuple[model.Connection, ...]) -> None:
 
 
 def _addresses(host: model.Host) -> dict[model.Family, str]:
-    return {f: _address_text(a) for f in model.FAMILIES if (a := host.address(f)) is not None}
+    return {f: str(a) for f in model.FAMILIES if (a := host.address(f)) is not None}
 
 
 # (enforce, initiator) -> (swanctl start_action, ipsec.conf auto)
