@@ -219,8 +219,8 @@ def _stroke_settings(s: ResolvedSettings) -> dict[str, object]:
 
 # ----------------------------------------------------------------------------------------------
 # Layouts: the templates rendered once per (stack, settings, posture), with placeholders where the
-# per-host and per-connection values go. A host is then a few `pattern % values`, not a template
-# render per connection (jinja's attribute lookups were ~3 ms per host).
+# per-host and per-connection values go. A host is then a few joins of fixed pieces and values, not
+# a template render per connection (jinja's attribute lookups were ~3 ms per host).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -231,19 +231,21 @@ _PLACEHOLDER = re.compile(r"\x00(\w+)\x00")  # NUL appears in no template and no
 
 
 class _Pattern:
-    """A template rendered once with placeholders, as a printf-style pattern filled from a tuple of
-    values in `fields` order (`pattern % tuple` is ~5x faster than str.format_map on these blocks)."""
+    """A template rendered once with placeholders, filled from a tuple of values in `fields` order:
+    its fixed pieces and the values, interleaved by one itemgetter and joined (all in C; ~2x faster
+    than `pattern % values`, ~10x faster than str.format_map on a 1 KB connection block)."""
 
     def __init__(self, template: str, fields: Sequence[str], context: Mapping[str, object]) -> None:
         text = _render(template, **{name: f"\x00{name}\x00" for name in fields}, **context)
-        text = text.replace("%", "%%")
-        used = [fields.index(name) for name in _PLACEHOLDER.findall(text)]
-        self.pattern = _PLACEHOLDER.sub("%s", text)
-        self._pick: Callable[[tuple[str, ...]], tuple[str, ...]] = (
-            itemgetter(*used) if len(used) > 1 else lambda values: tuple(values[i] for i in used))
+        pieces = _PLACEHOLDER.split(text)  # fixed, name, fixed, name, ..., fixed
+        self._fixed = tuple(pieces[0::2])
+        order = [i for n, name in enumerate(pieces[1::2])
+                 for i in (n, len(self._fixed) + fields.index(name))] + [len(self._fixed) - 1]
+        self._interleave: Callable[[tuple[str, ...]], tuple[str, ...]] = (
+            itemgetter(*order) if len(order) > 1 else lambda seq: (seq[0],))
 
     def fill(self, values: tuple[str, ...]) -> str:
-        return self.pattern % self._pick(values)
+        return "".join(self._interleave(self._fixed + values))
 
 
 @dataclass(frozen=True, kw_only=True)
