@@ -103,10 +103,10 @@ def test_xfrm_policies_skip_socket_policies() -> None:
 
 
 def test_xfrm_state_with_keys_keeps_only_identity() -> None:
-    text = ("src 10.0.0.1 dst 10.0.0.2\n\tproto esp spi 0x00c0ffee reqid 1 mode transport\n"
+    text = ("src 198.18.0.1 dst 198.18.0.2\n\tproto esp spi 0x00c0ffee reqid 1 mode transport\n"
             "\taead rfc4106(gcm(aes)) 0x" + "ab" * 36 + " 128\n")
     (state,) = health.parse_xfrm_state(text)
-    assert state == health.XfrmState(src="10.0.0.1", dst="10.0.0.2", proto="esp", spi="00c0ffee",
+    assert state == health.XfrmState(src="198.18.0.1", dst="198.18.0.2", proto="esp", spi="00c0ffee",
                                      mode="transport")
     assert not KEYS.search(repr(state))
 
@@ -211,13 +211,13 @@ def test_xfrm_out_nostates_delta() -> None:
 
 
 def test_probe_command() -> None:
-    cmd = health.probe_command("10.99.0.1", "10.99.0.2", "v4")
-    assert cmd.startswith("ping -4 -q -n -c 3 ") and "-I 10.99.0.1 10.99.0.2" in cmd
+    cmd = health.probe_command("198.18.99.1", "198.18.99.2", "v4")
+    assert cmd.startswith("ping -4 -q -n -c 3 ") and "-I 198.18.99.1 198.18.99.2" in cmd
     assert "-6" in health.probe_command("fd99::1", "fd99::2", "v6", count=5)
     with pytest.raises(ValueError):
-        health.probe_command("10.99.0.1", "fd99::2", "v4")
+        health.probe_command("198.18.99.1", "fd99::2", "v4")
     with pytest.raises(ValueError):
-        health.probe_command("10.99.0.1; rm -rf /", "10.99.0.2", "v4")
+        health.probe_command("198.18.99.1; rm -rf /", "198.18.99.2", "v4")
 
 
 def test_sections_and_exit_codes() -> None:
