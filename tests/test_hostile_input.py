@@ -129,7 +129,7 @@ GOOD = yaml.safe_dump(INVENTORY, sort_keys=False)
 def _huge(d: Path) -> Path:
     """~50 MB of syntactically valid YAML (a long list of hosts-like mappings)."""
     d.mkdir(parents=True, exist_ok=True)
-    line = "  - {name: cp9999.eqiad.example.net, ipv4: 10.9.9.9, ipv6: 'fd00::9', site: eqiad}\n"
+    line = "  - {name: cp9999.eqiad.example.net, ipv4: 198.18.9.9, ipv6: 'fd00::9', site: eqiad}\n"
     with (d / "inv.yaml").open("w") as fh:
         fh.write("junk:\n")
         fh.write(line * (50_000_000 // len(line)))

@@ -28,9 +28,9 @@ sites: {eqiad: {tier: core}, codfw: {tier: core}}
 clusters: {cache_text: {description: text}}
 hosts:
   cp1001.eqiad.example.net: {site: eqiad, cluster: cache_text, os: debian-bookworm,
-                             ipv4: 10.99.0.1, ipv6: "fd99::1"}
+                             ipv4: 198.18.99.1, ipv6: "fd99::1"}
   cp2001.codfw.example.net: {site: codfw, cluster: cache_text, os: debian-bookworm,
-                             ipv4: 10.99.0.2, ipv6: "fd99::2"}
+                             ipv4: 198.18.99.2, ipv6: "fd99::2"}
 pairing:
   - {name: core-core, a: {sites: [eqiad]}, b: {sites: [codfw]}}
 """
