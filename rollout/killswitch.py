@@ -9,15 +9,16 @@ background until the global deadline) → `KillReport` (per-host outcomes, exit 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fnmatch
+import functools
 import getpass
 import heapq
 import json
 import logging
 import logging.handlers
 import os
-import queue
 import shlex
 import socket
 import threading
@@ -28,12 +29,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from rollout import errors, hostcache
 from rollout.errors import ExitCode
 from rollout.model import Fleet, Host, SshSettings
-from rollout.transport import CommandResult, Transport
+from rollout.transport import AsyncTransport, CommandResult, Transport
 
 STATE_DIR = Path("/var/lib/ipsec-rollout")
 # The executor checks this before every step: present = stop now (errors.KilledDuringApply).
@@ -302,10 +303,13 @@ class _Job:
 
 
 class _Runner:
-    """A bounded pool of daemon threads fed from a retry-aware schedule, with one global deadline.
-    Daemon threads: a host stuck past the deadline can never keep the process alive."""
+    """Bounded fan-out on one asyncio loop, fed from a retry-aware schedule, with one global deadline.
 
-    def __init__(self, hosts: Sequence[Host], transport: Transport, options: KillOptions,
+    An `AsyncTransport` (the real SSH client) runs every host on the loop itself. A blocking `Transport`
+    (fakes, paramiko) runs each command in its own daemon thread: a host stuck past the deadline can
+    never keep the process alive."""
+
+    def __init__(self, hosts: Sequence[Host], transport: Transport | AsyncTransport, options: KillOptions,
                  on_result: OnResult | None) -> None:
         self.hosts = {h.fqdn: h for h in hosts}
         self.transport = transport
@@ -316,42 +320,51 @@ class _Runner:
         self.deadline = self.started + options.deadline
         self.schedule: list[_Job] = [_Job(self.started, f) for f in self.hosts]
         heapq.heapify(self.schedule)
-        self.work: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self.done: queue.SimpleQueue[tuple[_Job, HostResult | None]] = queue.SimpleQueue()
         self.results: dict[str, HostResult] = {}
         self.last_error: dict[str, str] = {}
         self.attempted: set[str] = set()  # hosts a command was started for (at least once)
+        self.slots: asyncio.Semaphore | None = None
 
     def run(self) -> dict[str, HostResult]:
-        workers = [threading.Thread(target=self._work, daemon=True, name=f"kill-{i}")
-                   for i in range(min(self.options.parallel, len(self.hosts)))]
-        for w in workers:
-            w.start()
-        in_flight = 0
-        while len(self.results) < len(self.hosts):
-            now = time.monotonic()
-            while self.schedule and self.schedule[0].ready_at <= now:
-                self.work.put(heapq.heappop(self.schedule))
-                in_flight += 1
-            if now >= self.deadline or (in_flight == 0 and not self.schedule):
-                break
-            wait = min(self.deadline, self.schedule[0].ready_at if self.schedule else self.deadline) - now
-            try:
-                job, result = self.done.get(timeout=max(wait, 0.001))
-            except queue.Empty:
-                continue
-            in_flight -= 1
-            self._settle(job, result)
-        for _ in workers:
-            self.work.put(None)
+        return asyncio.run(self._run())
+
+    async def _run(self) -> dict[str, HostResult]:
+        self.slots = asyncio.Semaphore(self.options.parallel)
+        in_flight: set[asyncio.Task[tuple[_Job, HostResult | None]]] = set()
+        try:
+            while len(self.results) < len(self.hosts):
+                now = time.monotonic()
+                while self.schedule and self.schedule[0].ready_at <= now:
+                    in_flight.add(asyncio.ensure_future(self._attempt(heapq.heappop(self.schedule))))
+                if now >= self.deadline or not (in_flight or self.schedule):
+                    break
+                wake = min(self.deadline, self.schedule[0].ready_at if self.schedule else self.deadline)
+                if not in_flight:
+                    await asyncio.sleep(max(wake - now, 0.001))
+                    continue
+                done, in_flight = await asyncio.wait(in_flight, timeout=max(wake - now, 0.001),
+                                                     return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    self._settle(*task.result())
+        finally:
+            for task in in_flight:  # keep what finished right at the deadline, abandon the rest
+                if task.done() and not task.cancelled() and task.exception() is None:
+                    job, result = task.result()
+                    if job.fqdn not in self.results:
+                        self._settle(_Job(0, job.fqdn, max(job.attempt, self.options.retries + 1)), result)
+                else:
+                    task.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
+            await self._close_transport()
         return self._finish()
 
-    def _work(self) -> None:
-        while (job := self.work.get()) is not None:
-            self.done.put((job, self._attempt(job)))
-
-    def _attempt(self, job: _Job) -> HostResult | None:
+    async def _attempt(self, job: _Job) -> tuple[_Job, HostResult | None]:
         """A HostResult, or None when the host was unreachable (the command never ran)."""
+        assert self.slots is not None
+        async with self.slots:
+            return job, await self._attempt_now(job)
+
+    async def _attempt_now(self, job: _Job) -> HostResult | None:
         remaining = self.deadline - time.monotonic()
         host = self.hosts[job.fqdn]
         if remaining <= 0:
@@ -360,11 +373,7 @@ class _Runner:
         self.attempted.add(job.fqdn)
         self.last_error.pop(job.fqdn, None)
         try:
-            timeout = min(self.options.command_timeout, remaining)
-            try:
-                output = self.transport.run(host, self.command, timeout=timeout)
-            finally:
-                self._release(host)
+            output = await self._call(host, min(self.options.command_timeout, remaining))
         except errors.HostUnreachable as exc:
             self.last_error[job.fqdn] = exc.message
             if isinstance(exc, errors.HostKeyMismatch):  # retrying cannot help; say so now
@@ -378,13 +387,30 @@ class _Runner:
                               detail=f"internal error: {type(exc).__name__}: {exc}")
         return judge(job.fqdn, output, self.options.rearm, job.attempt)
 
-    def _release(self, host: Host) -> None:
-        """One command per host: let a transport that caches connections (SshTransport.release) close
-        this one now rather than keep hundreds of idle connections (threads, wake-ups) to the end."""
-        release = getattr(self.transport, "release", None)
-        if callable(release):
+    async def _call(self, host: Host, timeout: float) -> CommandResult:
+        run_async = getattr(self.transport, "run_async", None)
+        if run_async is not None:
+            result: CommandResult = await run_async(host, self.command, timeout=timeout)
+            return result
+        transport = cast(Transport, self.transport)
+        return await _in_daemon_thread(lambda: self._run_blocking(transport, host, timeout))
+
+    def _run_blocking(self, transport: Transport, host: Host, timeout: float) -> CommandResult:
+        try:
+            return transport.run(host, self.command, timeout=timeout)
+        finally:
+            # One command per host: a transport that caches connections (SshTransport.release) closes
+            # this one now rather than keep hundreds of idle connections (threads, wake-ups) to the end.
+            release = getattr(transport, "release", None)
+            if callable(release):
+                with contextlib.suppress(Exception):
+                    release(host)
+
+    async def _close_transport(self) -> None:
+        aclose = getattr(self.transport, "aclose", None)
+        if aclose is not None:
             with contextlib.suppress(Exception):
-                release(host)
+                await aclose()
 
     def _settle(self, job: _Job, result: HostResult | None) -> None:
         if result is None and job.attempt <= self.options.retries:
@@ -399,13 +425,6 @@ class _Runner:
             self.on_result(final)
 
     def _finish(self) -> dict[str, HostResult]:
-        while True:  # keep what finished right at the deadline
-            try:
-                job, result = self.done.get_nowait()
-            except queue.Empty:
-                break
-            if job.fqdn not in self.results:
-                self._settle(_Job(0, job.fqdn, max(job.attempt, self.options.retries + 1)), result)
         for fqdn in self.hosts:
             if fqdn not in self.results:
                 ran = fqdn in self.attempted and fqdn not in self.last_error
@@ -416,7 +435,33 @@ class _Runner:
         return self.results
 
 
-def run_kill(targets: Targets, transport: Transport, options: KillOptions, *,
+_T = TypeVar("_T")
+
+
+async def _in_daemon_thread(call: Callable[[], _T]) -> _T:
+    """Await a blocking call run in a fresh daemon thread (cancelling the await abandons the thread)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+
+    def deliver(outcome: Callable[[], None]) -> None:
+        if not future.done():
+            outcome()
+
+    def target() -> None:
+        try:
+            value = call()
+        except BaseException as exc:  # handed to the awaiting task, which re-raises it
+            settle = functools.partial(deliver, functools.partial(future.set_exception, exc))
+        else:
+            settle = functools.partial(deliver, functools.partial(future.set_result, value))
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting any more
+            loop.call_soon_threadsafe(settle)
+
+    threading.Thread(target=target, daemon=True, name="kill-blocking").start()
+    return await future
+
+
+def run_kill(targets: Targets, transport: Transport | AsyncTransport, options: KillOptions, *,
              on_result: OnResult | None = None, stop_flag: Path | None = STOP_FLAG) -> KillReport:
     """Kill (or rearm) IPsec on every target host; never raises for per-host problems."""
     started = time.time()

@@ -212,6 +212,41 @@ def _jump_chain(spec: str, settings: SshSettings, config: paramiko.SSHConfig | N
     return previous
 
 
+class Endpoints:
+    """Host -> Endpoint (inventory + ssh_config) and parsed known_hosts, both cached and thread-safe.
+    Shared by both SSH clients so they connect to the same place and trust the same keys."""
+
+    def __init__(self, *, ssh_config: str | None = DEFAULT_SSH_CONFIG,
+                 system_known_hosts: Sequence[str] = SYSTEM_KNOWN_HOSTS) -> None:
+        self._config_path = os.path.expanduser(ssh_config) if ssh_config else None
+        self._config: paramiko.SSHConfig | None = None
+        self._system_known_hosts = tuple(system_known_hosts)
+        self._known: dict[tuple[str, ...], KnownHosts] = {}
+        self._lock = threading.Lock()
+
+    def endpoint(self, host: Host) -> Endpoint:
+        settings = host.ssh
+        config = self._ssh_config() if settings.use_ssh_config else None
+        endpoint = resolve_endpoint(host.connect_address, settings, config)
+        if self._system_known_hosts != SYSTEM_KNOWN_HOSTS:
+            endpoint = Endpoint(**{**endpoint.__dict__, "known_hosts": (
+                endpoint.known_hosts[0], *self._system_known_hosts)})
+        return endpoint
+
+    def known_hosts(self, files: tuple[str, ...]) -> KnownHosts:
+        with self._lock:
+            known = self._known.get(files)
+            if known is None:
+                known = self._known[files] = load_known_hosts(files)
+            return known
+
+    def _ssh_config(self) -> paramiko.SSHConfig | None:
+        with self._lock:
+            if self._config is None and self._config_path and os.path.exists(self._config_path):
+                self._config = paramiko.SSHConfig.from_path(self._config_path)
+            return self._config
+
+
 # ------------------------------------------------------------------------------------------------
 # The transport
 # ------------------------------------------------------------------------------------------------
@@ -244,14 +279,11 @@ class SshTransport:
     def __init__(self, *, ssh_config: str | None = DEFAULT_SSH_CONFIG, agent: bool = True,
                  keepalive: int = 30, system_known_hosts: Sequence[str] = SYSTEM_KNOWN_HOSTS,
                  max_handshakes: int | None = None) -> None:
-        self._config_path = os.path.expanduser(ssh_config) if ssh_config else None
-        self._config: paramiko.SSHConfig | None = None
+        self._endpoints = Endpoints(ssh_config=ssh_config, system_known_hosts=system_known_hosts)
         self._agent = agent
         self._keepalive = keepalive
-        self._system_known_hosts = tuple(system_known_hosts)
         self._lock = threading.Lock()
         self._slots: dict[Endpoint, _Slot] = {}
-        self._known: dict[tuple[str, ...], KnownHosts] = {}
         self._keys: dict[str, paramiko.PKey] = {}
         self._netns: dict[str, NetnsSockets] = {}
         self._closed = False
@@ -266,7 +298,7 @@ class SshTransport:
         try:
             transport = self._connection(endpoint)
         except errors.TransportError as exc:
-            raise _relabel(exc, host) from exc
+            raise relabel(exc, host) from exc
         try:
             channel = transport.open_session(timeout=min(timeout, endpoint.connect_timeout))
         except (paramiko.SSHException, OSError, EOFError) as exc:
@@ -276,7 +308,7 @@ class SshTransport:
             try:  # the cached connection had died: one fresh try
                 transport = self._connection(endpoint)
             except errors.TransportError as exc2:
-                raise _relabel(exc2, host) from exc2
+                raise relabel(exc2, host) from exc2
             channel = self._open_session(host, transport, endpoint)
         return self._execute(host, channel, command, stdin, timeout, started)
 
@@ -293,13 +325,7 @@ class SshTransport:
 
     # -- public helpers --------------------------------------------------------------------------
     def endpoint(self, host: Host) -> Endpoint:
-        settings = host.ssh
-        config = self._ssh_config() if settings.use_ssh_config else None
-        endpoint = resolve_endpoint(host.connect_address, settings, config)
-        if self._system_known_hosts != SYSTEM_KNOWN_HOSTS:
-            endpoint = Endpoint(**{**endpoint.__dict__, "known_hosts": (
-                endpoint.known_hosts[0], *self._system_known_hosts)})
-        return endpoint
+        return self._endpoints.endpoint(host)
 
     def release(self, host: Host) -> None:
         """Close the cached connection to `host` now (callers that will not talk to it again, like
@@ -314,12 +340,6 @@ class SshTransport:
             slot.transport.close()
 
     # -- connections -----------------------------------------------------------------------------
-    def _ssh_config(self) -> paramiko.SSHConfig | None:
-        with self._lock:
-            if self._config is None and self._config_path and os.path.exists(self._config_path):
-                self._config = paramiko.SSHConfig.from_path(self._config_path)
-            return self._config
-
     def _cached(self, endpoint: Endpoint) -> paramiko.Transport | None:
         with self._lock:
             slot = self._slots.get(endpoint)
@@ -377,7 +397,7 @@ class SshTransport:
             return space
 
     def _handshake(self, transport: paramiko.Transport, endpoint: Endpoint) -> None:
-        known = self._known_hosts(endpoint.known_hosts)
+        known = self._endpoints.known_hosts(endpoint.known_hosts)
         expected = known.keys_for(endpoint.key_name)
         _prefer_algorithms(transport, {kind for kind, _ in expected})
         transport.banner_timeout = endpoint.connect_timeout
@@ -392,13 +412,6 @@ class SshTransport:
             why = f"SSH handshake failed: no key exchange within {endpoint.connect_timeout:g} s"
             raise errors.HostUnreachable(endpoint.alias, why)
         _verify_host_key(endpoint, server_key, expected, known)
-
-    def _known_hosts(self, files: tuple[str, ...]) -> KnownHosts:
-        with self._lock:
-            known = self._known.get(files)
-            if known is None:
-                known = self._known[files] = load_known_hosts(files)
-            return known
 
     def _authenticate(self, transport: paramiko.Transport, endpoint: Endpoint) -> None:
         tried: list[str] = []
@@ -499,7 +512,7 @@ def _text(chunks: list[bytes]) -> str:
     return b"".join(chunks).decode("utf-8", errors="replace")
 
 
-def _relabel(exc: errors.TransportError, host: Host) -> errors.TransportError:
+def relabel(exc: errors.TransportError, host: Host) -> errors.TransportError:
     """Name the inventory host in the message (connection errors are raised per endpoint)."""
     if exc.host == host.fqdn:
         return exc
@@ -534,18 +547,24 @@ def _ordered(available: Sequence[str], first: Sequence[str]) -> tuple[str, ...]:
 
 def _verify_host_key(endpoint: Endpoint, key: paramiko.PKey, expected: set[KeyId], known: KnownHosts) -> None:
     presented: KeyId = (key.get_name(), key.asbytes())
+    if presented[1] not in known.revoked and presented in expected:
+        return
+    raise host_key_refusal(endpoint, presented, key.fingerprint, expected, known)
+
+
+def host_key_refusal(endpoint: Endpoint, presented: KeyId, fingerprint: str, expected: set[KeyId],
+                     known: KnownHosts) -> errors.HostKeyMismatch:
+    """The error for a presented host key we do not accept (shared by both SSH clients)."""
     if presented[1] in known.revoked:
         problem = "presented a host key marked @revoked"
-    elif presented in expected:
-        return
     elif expected:
         problem = "presented a host key that DIFFERS from the known one (changed key: possible MITM)"
     else:
         problem = "is not in known_hosts (unknown host key)"
     files = ", ".join(known.files)
-    raise errors.HostKeyMismatch(
+    return errors.HostKeyMismatch(
         endpoint.alias,
-        f"host {endpoint.key_name} {problem}; presented {presented[0]} {key.fingerprint}; "
+        f"host {endpoint.key_name} {problem}; presented {presented[0]} {fingerprint}; "
         f"files checked: {files}. Nothing was run. Fix: fetch the key with `ssh-keyscan -p {endpoint.port} "
         f"{endpoint.hostname}`, verify its fingerprint out of band (console, Puppet facts), then add it "
         f"to {known.files[0]}",

@@ -31,3 +31,16 @@ class Transport(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class AsyncTransport(Protocol):
+    """An event-driven transport for wide fan-out (the kill switch): same contract as `Transport.run`."""
+
+    async def run_async(self, host: Host, command: str, *, timeout: float,
+                        stdin: str | None = None) -> CommandResult: ...
+
+    async def aclose(self) -> None:
+        """Release what the run held (call on the loop that ran the commands)."""
+        ...
+
+    def close(self) -> None: ...

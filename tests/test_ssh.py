@@ -1,21 +1,13 @@
-"""SshTransport against a real OpenSSH sshd running inside a throwaway network namespace (S1, S3, S7).
-
-The sshd listens on 127.0.0.1 *inside* the namespace, so these tests also prove that sockets are opened
-in the namespace without moving the process. Root's shell is /bin/sh with an empty HOME there (a private
-/etc/passwd bind-mounted in sshd's own mount namespace), so no shell profile runs.
-"""
+"""SshTransport (paramiko) against a real OpenSSH sshd in a throwaway network namespace (S1, S3, S7)."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,77 +15,9 @@ import pytest
 from rollout import errors
 from rollout.model import Host, SshSettings
 from rollout.ssh import SshTransport, load_known_hosts, sh_join
+from tests.sshd_fixture import Sshd, keygen, sshd
 
-PORT = 2201
-
-
-@dataclass(frozen=True)
-class Sshd:
-    netns: str
-    dir: Path
-    port: int
-    client_key: Path
-    known_hosts: Path
-
-    def host(self, **ssh: object) -> Host:
-        settings = SshSettings(**{"port": self.port, "identity": str(self.client_key),  # type: ignore[arg-type]
-                                  "known_hosts": str(self.known_hosts), "netns": self.netns,
-                                  "connect_timeout": 5.0, "use_ssh_config": False, **ssh})
-        return Host(fqdn="t1.test", site="s", cluster="c", os="lab-uml", ssh_host="127.0.0.1", ssh=settings)
-
-
-def _keygen(path: Path) -> None:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
-
-
-def _sshd_config(d: Path, port: int) -> str:
-    return "\n".join([
-        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {d}/host_key",
-        f"AuthorizedKeysFile {d}/authorized",
-        "PermitRootLogin prohibit-password", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
-        "UsePAM no", "UseDNS no", "PidFile none", "StrictModes no", "AllowTcpForwarding yes", ""])
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
-    if os.geteuid() != 0 or not shutil.which("sshd") or not shutil.which("ip"):
-        pytest.skip("needs root, OpenSSH sshd and iproute2")
-    d = tmp_path_factory.mktemp("sshd")
-    netns = f"rt-ssh-{uuid.uuid4().hex[:8]}"
-    _keygen(d / "host_key")
-    _keygen(d / "client_key")
-    (d / "authorized").write_text((d / "client_key.pub").read_text())
-    (d / "home").mkdir()
-    passwd = Path("/etc/passwd").read_text().splitlines()
-    (d / "passwd").write_text("\n".join(f"root:x:0:0:root:{d}/home:/bin/sh" if ln.startswith("root:") else ln
-                                        for ln in passwd) + "\n")
-    (d / "sshd_config").write_text(_sshd_config(d, PORT))
-    host_pub = (d / "host_key.pub").read_text().split()
-    (d / "known_hosts").write_text(f"[127.0.0.1]:{PORT} {host_pub[0]} {host_pub[1]}\n")
-    Path("/run/sshd").mkdir(exist_ok=True)
-    subprocess.run(["ip", "netns", "add", netns], check=True)
-    subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
-    with open(d / "sshd.log", "w") as log:
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", netns, "unshare", "-m", "sh", "-c",
-             f"mount --bind {d}/passwd /etc/passwd && exec /usr/sbin/sshd -D -e -f {d}/sshd_config"],
-            stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
-    try:
-        _wait_port(netns, PORT)
-        yield Sshd(netns=netns, dir=d, port=PORT, client_key=d / "client_key", known_hosts=d / "known_hosts")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        subprocess.run(["ip", "netns", "del", netns], check=False)
-
-
-def _wait_port(netns: str, port: int) -> None:
-    for _ in range(100):
-        ss = subprocess.run(["ip", "netns", "exec", netns, "ss", "-ltn"], capture_output=True, text=True)
-        if f"127.0.0.1:{port}" in ss.stdout:
-            return
-        time.sleep(0.1)
-    raise RuntimeError("sshd did not start")
+__all__ = ["sshd"]  # the module-scoped fixture, used by the tests below
 
 
 @pytest.fixture
@@ -147,7 +71,7 @@ def test_unknown_host_key_is_rejected_before_anything_runs(sshd: Sshd, transport
 
 
 def test_changed_host_key_is_rejected(sshd: Sshd, transport: SshTransport, tmp_path: Path) -> None:
-    _keygen(tmp_path / "other")
+    keygen(tmp_path / "other")
     other = (tmp_path / "other.pub").read_text().split()
     wrong = tmp_path / "known_hosts"
     wrong.write_text(f"[127.0.0.1]:{sshd.port} {other[0]} {other[1]}\n")
@@ -171,7 +95,7 @@ def test_revoked_and_hashed_known_hosts(sshd: Sshd, transport: SshTransport, tmp
 
 
 def test_wrong_client_key_fails_authentication(sshd: Sshd, transport: SshTransport, tmp_path: Path) -> None:
-    _keygen(tmp_path / "stranger")
+    keygen(tmp_path / "stranger")
     with pytest.raises(errors.HostUnreachable, match="authentication"):
         transport.run(sshd.host(identity=str(tmp_path / "stranger")), "true", timeout=5)
 
@@ -239,3 +163,10 @@ def test_only_ssh_module_imports_paramiko() -> None:
                  if "import paramiko" in p.read_text() or "import fabric" in p.read_text()
                  or "from paramiko" in p.read_text() or "from fabric" in p.read_text()}
     assert importers <= {"ssh.py"}
+
+
+def test_only_sshasync_module_imports_asyncssh() -> None:
+    root = Path(__file__).resolve().parent.parent / "rollout"
+    importers = {p.relative_to(root).as_posix() for p in root.rglob("*.py")
+                 if "import asyncssh" in p.read_text() or "from asyncssh" in p.read_text()}
+    assert importers <= {"sshasync.py"}

@@ -16,7 +16,7 @@ from rich.table import Table
 from rollout import errors, killswitch
 from rollout.cli import app, run_guarded
 from rollout.killswitch import HostResult, KillOptions, KillReport, Outcome, Scope, Targets
-from rollout.transport import Transport
+from rollout.transport import AsyncTransport, Transport
 
 kill_app = typer.Typer(name="ipsec-kill", add_completion=False, pretty_exceptions_enable=False,
                        help="Turn host-to-host IPsec OFF now (latch, stop charon, flush xfrm, verify).")
@@ -25,13 +25,13 @@ out = Console()
 FULL_TABLE_MAX = 60  # above this many hosts the table lists only hosts that are not clean
 
 
-def _ssh_transport(handshakes: int) -> Transport:
-    from rollout.ssh import SshTransport  # the only importer of paramiko
+def _ssh_transport(handshakes: int) -> Transport | AsyncTransport:
+    from rollout.sshasync import AsyncSshTransport  # event-driven: one loop, no thread per host
 
-    return SshTransport(max_handshakes=handshakes)
+    return AsyncSshTransport(max_handshakes=handshakes)
 
 
-transport_factory: Callable[[int], Transport] = _ssh_transport  # tests replace this
+transport_factory: Callable[[int], Transport | AsyncTransport] = _ssh_transport  # tests replace this
 
 
 def kill_command(

@@ -2,7 +2,7 @@
 remote command. The rest are done within the deadline, the exit code is PARTIAL, the report lists
 every host exactly once.
 
-The real-SSH test uses the throwaway sshd of tests/test_ssh.py, and runs a harmless stand-in for the
+The real-SSH test, once per SSH client, uses the throwaway sshd of tests/sshd_fixture.py, and runs a harmless stand-in for the
 kill script there (the sshd shares this machine's filesystem: the real kill.sh would latch it)."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from rollout.model import Host, SshSettings
 from rollout.testing import FakeTransport, Hang, result
 from rollout.transport import CommandResult
 from tests.test_killswitch import KILLED, make_fleet, make_host
-from tests.test_ssh import Sshd, sshd  # noqa: F401  (module-scoped fixture)
+from tests.sshd_fixture import Sshd, sshd  # noqa: F401  (module-scoped fixture)
 
 FLEET = tuple(make_host(f"cp{i:04d}.eqiad.test") for i in range(1, 21))  # 20 hosts
 DOWN = {FLEET[3].fqdn, FLEET[7].fqdn, FLEET[11].fqdn, FLEET[15].fqdn}  # 20%
@@ -101,6 +102,28 @@ class _StandIn:
         self.inner.close()  # type: ignore[attr-defined]
 
 
+class _AsyncStandIn(_StandIn):
+    """The same for AsyncSshTransport (the kill switch's own client)."""
+
+    async def run_async(self, host: Host, command: str, *, timeout: float,
+                        stdin: str | None = None) -> CommandResult:
+        assert "IPSEC-KILL" in command or "ipsec-kill" in command
+        return await self.inner.run_async(host, self.commands[host.fqdn], timeout=timeout)  # type: ignore
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()  # type: ignore[attr-defined]
+
+
+def _stand_in(client: str, commands: dict[str, str]) -> _StandIn:
+    if client == "asyncssh":
+        from rollout.sshasync import AsyncSshTransport
+
+        return _AsyncStandIn(AsyncSshTransport(ssh_config=None, agent=False), commands)
+    from rollout.ssh import SshTransport
+
+    return _StandIn(SshTransport(ssh_config=None, agent=False), commands)
+
+
 @pytest.fixture
 def silent_listener() -> Iterator[int]:
     """Accepts TCP and never sends an SSH banner."""
@@ -111,10 +134,24 @@ def silent_listener() -> Iterator[int]:
     sock.close()
 
 
-def test_silent_banner_blackhole_and_hang_are_bounded_others_proceed(sshd: Sshd,  # noqa: F811
-                                                                     silent_listener: int) -> None:
-    from rollout.ssh import SshTransport
+@pytest.fixture
+def blackhole(sshd: Sshd) -> Iterator[str]:  # noqa: F811
+    """An address inside the sshd's namespace that silently drops every packet (no RST, no ICMP)."""
+    address = "198.18.255.1"
+    ns = ["ip", "netns", "exec", sshd.netns]
+    subprocess.run(["ip", "-n", sshd.netns, "addr", "add", f"{address}/32", "dev", "lo"], check=True)
+    subprocess.run([*ns, "iptables", "-I", "INPUT", "-d", address, "-j", "DROP"], check=True)
+    try:
+        yield address
+    finally:
+        subprocess.run([*ns, "iptables", "-D", "INPUT", "-d", address, "-j", "DROP"], check=False)
+        subprocess.run(["ip", "-n", sshd.netns, "addr", "del", f"{address}/32", "dev", "lo"], check=False)
 
+
+@pytest.mark.parametrize("client", ["paramiko", "asyncssh"])
+def test_silent_banner_blackhole_and_hang_are_bounded_others_proceed(sshd: Sshd,  # noqa: F811
+                                                                     silent_listener: int, blackhole: str,
+                                                                     client: str) -> None:
     good = [sshd.host(connect_timeout=5.0) for _ in range(3)]
     good = [Host(fqdn=f"ok{i}.test", site="s", cluster="c", os="lab-uml", ssh_host="127.0.0.1", ssh=h.ssh)
             for i, h in enumerate(good)]
@@ -122,13 +159,13 @@ def test_silent_banner_blackhole_and_hang_are_bounded_others_proceed(sshd: Sshd,
     quiet = SshSettings(port=silent_listener, connect_timeout=2.0, use_ssh_config=False,
                         known_hosts=str(sshd.known_hosts), identity=str(sshd.client_key))
     silent = Host(fqdn="silent.test", site="s", cluster="c", os="lab-uml", ssh_host="127.0.0.1", ssh=quiet)
-    hole = Host(fqdn="hole.test", site="s", cluster="c", os="lab-uml", ssh_host="192.0.2.1",  # TEST-NET-1
+    hole = Host(fqdn="hole.test", site="s", cluster="c", os="lab-uml", ssh_host=blackhole,
                 ssh=SshSettings(connect_timeout=2.0, use_ssh_config=False, known_hosts=str(sshd.known_hosts),
-                                identity=str(sshd.client_key)))
+                                identity=str(sshd.client_key), netns=sshd.netns))
     ok_line = "echo 'IPSEC-KILL result=killed states=0 policies=0 charon=0 latched=1 errors=none version=1'"
     commands = {h.fqdn: ok_line for h in good} | {"hang.test": "sleep 120", "silent.test": ok_line,
                                                    "hole.test": ok_line}
-    transport = _StandIn(SshTransport(ssh_config=None, agent=False), commands)
+    transport = _stand_in(client, commands)
     done_at: dict[str, float] = {}
     began = time.monotonic()
     try:
@@ -144,7 +181,7 @@ def test_silent_banner_blackhole_and_hang_are_bounded_others_proceed(sshd: Sshd,
     assert all(by[h.fqdn].outcome is Outcome.KILLED for h in good), report.to_json()
     assert all(done_at[h.fqdn] < 15 for h in good), done_at  # not held up by the others
     assert by["silent.test"].outcome is Outcome.UNREACHABLE
-    assert by["hole.test"].outcome is Outcome.UNREACHABLE
+    assert by["hole.test"].outcome is Outcome.UNREACHABLE and "timed out" in by["hole.test"].detail
     assert by["hang.test"].outcome is Outcome.FAILED
     # silent / blackhole: 2 attempts x (2 s connect/banner bound + slack) + retry delay
     assert done_at["silent.test"] < 2 * 2 * 3 + 2 and done_at["hole.test"] < 2 * 2 * 3 + 2, done_at
