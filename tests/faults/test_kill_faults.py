@@ -2,8 +2,9 @@
 remote command. The rest are done within the deadline, the exit code is PARTIAL, the report lists
 every host exactly once.
 
-The real-SSH test, once per SSH client, uses the throwaway sshd of tests/sshd_fixture.py, and runs a harmless stand-in for the
-kill script there (the sshd shares this machine's filesystem: the real kill.sh would latch it)."""
+The real-SSH test, once per SSH client, uses the throwaway sshd of tests/sshd_fixture.py, and runs a
+harmless stand-in for the kill script there (the sshd shares this machine's filesystem: the real
+kill.sh would latch it)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ from rollout.killswitch import KillOptions, Outcome, Targets
 from rollout.model import Host, SshSettings
 from rollout.testing import FakeTransport, Hang, result
 from rollout.transport import CommandResult
-from tests.test_killswitch import KILLED, make_fleet, make_host
 from tests.sshd_fixture import Sshd, sshd  # noqa: F401  (module-scoped fixture)
+from tests.test_killswitch import KILLED, make_fleet, make_host
 
 FLEET = tuple(make_host(f"cp{i:04d}.eqiad.test") for i in range(1, 21))  # 20 hosts
 DOWN = {FLEET[3].fqdn, FLEET[7].fqdn, FLEET[11].fqdn, FLEET[15].fqdn}  # 20%
