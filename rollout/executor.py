@@ -753,6 +753,12 @@ class Executor:
             return self._plain_steps(run, peer, steps.unload_steps(rendered, conns))
 
         results = self._each(run, sp, items, terminate)
+        enforcing = sorted(peer for peer, _ in items if (hp := run.plan.host(peer)) and hp.enforce)
+        if enforcing:
+            self._warn(f"{len(enforcing)} enforcing peer(s) ({', '.join(enforcing[:5])}) dropped their trap "
+                       f"policies towards {', '.join(gone[:5])}, but their swanctl config still names "
+                       "them: a strongSwan reload or restart there holds that traffic again until the "
+                       "hosts are fixed and applied, or the run is rolled back")
         return [f"{peer}: terminating SAs towards rolled-back hosts failed: {out.detail}"
                 for (peer, _), out in zip(items, results, strict=True) if not out.ok]
 
@@ -1024,13 +1030,19 @@ class _Gate:
             self.ex.rt.sleep(self.ex.rt.poll_interval)
 
     def _fail(self, bad: Sequence[_Bad]) -> GateResult:
+        """Blame, per failing pair, the end(s) in this batch; when one end is healthy with some other
+        peer and the other end is healthy with none, only the latter (one bad host must not use up
+        the failure budget for all its peers)."""
+        failing = {item.pair for item in bad}
+        healthy_somewhere = {h for p in self.pairs if p not in failing for h in (p.a, p.b)}
         lines: list[str] = []
         blamed: set[str] = set()
         for item in bad:
             pair = item.pair
             lines.append(f"{pair.a}<->{pair.b}: " + (", ".join(item.reasons) or "unhealthy"))
-            ends = {pair.a, pair.b} & self.focus
-            blamed.update(ends or {pair.a, pair.b})
+            ends = ({pair.a, pair.b} & self.focus) or {pair.a, pair.b}
+            broken = ends - healthy_somewhere
+            blamed.update(broken or ends)
         return GateResult(passed=False, failing=tuple(lines), ipsec_failed=tuple(sorted(blamed)),
                           unreachable=tuple(sorted(self.unreachable)), samples=self.samples)
 

@@ -17,7 +17,7 @@ from operator import attrgetter
 from typing import Any
 
 from rollout import model, steps
-from rollout.errors import PlanStaleError
+from rollout.errors import PlanStaleError, PlaybookError
 from rollout.pairing import compute_pairs, pairs_by_host
 from rollout.playbook import Playbook, Stage, playbook_from_json, playbook_to_json, resolve_stages
 from rollout.render import FleetRenderer, MaterialCopy, RenderedFile, RenderedHost
@@ -144,6 +144,7 @@ class _Ctx:
     by_host: Mapping[str, tuple[model.Pair, ...]]
     run_id: str
     renderer: FleetRenderer
+    playbook_source: str = ""
     refs: dict[tuple[str, str, str], SaRef] = dataclasses.field(default_factory=dict)
 
     def sa_ref(self, host: str, peer: str, family: model.Family) -> SaRef:
@@ -159,7 +160,8 @@ def build_plan(fleet: model.Fleet, pairs: Iterable[model.Pair], playbook: Playbo
     """The complete plan. Raises errors.PlaybookError (selection) or errors.RenderError.
     `run_id` only names the snapshot directory in snapshot/restore steps; it is not digested."""
     pair_list = tuple(pairs)
-    ctx = _Ctx(fleet=fleet, by_host=pairs_by_host(pair_list), run_id=run_id, renderer=FleetRenderer(fleet))
+    ctx = _Ctx(fleet=fleet, by_host=pairs_by_host(pair_list), run_id=run_id, renderer=FleetRenderer(fleet),
+               playbook_source=playbook.source)
     enabled: set[str] = set()
     up: dict[tuple[str, str], int] = {}  # pairs with both ends enabled -> their SA count
     stages = []
@@ -183,6 +185,8 @@ def _stage_plan(ctx: _Ctx, stage: Stage, added: tuple[str, ...], enabled: set[st
     stage_up: list[SaRef] = []
     for index, start in enumerate(range(0, len(added), size), start=1):
         batch = _batch_plan(ctx, index, added[start:start + size], enforce, enabled, up)
+        if enforce:
+            _refuse_held_traffic(ctx, stage, index, batch)
         batches.append(batch)
         stage_up.extend(batch.sa_up)
     return StagePlan(
@@ -211,6 +215,29 @@ def _batch_plan(ctx: _Ctx, index: int, fqdns: tuple[str, ...], enforce: bool, en
     sa_up = _sorted_refs(ctx.sa_ref(p.a, p.b, f) for p in completing for f in p.families)
     return BatchPlan(index=index, hosts=hosts, sa_up=sa_up, sa_waiting=_waiting(ctx, enabled, fqdns),
                      peer_actions=peers)
+
+
+def _refuse_held_traffic(ctx: _Ctx, stage: Stage, index: int, batch: BatchPlan) -> None:
+    """Enforce = trap policies: a host would hold (drop) its traffic to every peer that is not enabled
+    by the end of its batch. That blackholes production (Wikimedia's 2015 `auto=route`), so refuse."""
+    if not batch.sa_waiting:
+        return
+    peers = sorted({r.peer for r in batch.sa_waiting})
+    hosts = sorted({r.host for r in batch.sa_waiting})
+    origin = ("key 'enforce' of this stage" if stage.enforce is not None
+              else "'ipsec.enforce: true' in the inventory (the stage does not set 'enforce')")
+    raise PlaybookError(
+        f"enforce (trap policies) would blackhole traffic: after batch {index}, "
+        f"{len(hosts)} host(s) ({_some(hosts)}) would hold their traffic to {len(peers)} peer(s) that "
+        f"are not enabled yet ({_some(peers)}); this comes from the {origin}",
+        file=ctx.playbook_source or None, key=f"stage {stage.name!r}",
+        hint="roll out fail-open first (enforce: false); enforce only in a batch that holds every host "
+             "together with all its peers (e.g. a re-apply with batch: 100%)")
+
+
+def _some(names: list[str], limit: int = 3) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def _completing_pairs(ctx: _Ctx, fqdns: tuple[str, ...], enabled: set[str],

@@ -428,6 +428,13 @@ def _terminate(stack: model.Stack, name: str) -> str:
     return f"ipsec down {n} >/dev/null 2>&1 || true"
 
 
+def _untrap(stack: model.Stack, name: str) -> str:
+    n = q(name)
+    if stack is model.Stack.SWANCTL:
+        return f"swanctl --uninstall --child {n} >/dev/null 2>&1 || true"
+    return f"ipsec unroute {n} >/dev/null 2>&1 || true"
+
+
 def _still_configured(stack: model.Stack, name: str) -> str:
     if stack is model.Stack.SWANCTL:
         return f"swanctl --list-conns 2>/dev/null | grep -q {q('^' + name + ':')}"
@@ -445,9 +452,12 @@ def _terminate_if_removed(stack: model.Stack, name: str) -> str:
 
 
 def unload_steps(rendered: RenderedHost, conns: Iterable[model.Connection] | None = None) -> tuple[Step, ...]:
-    """Terminate the given connections' SAs (all of this host's by default), forcing."""
+    """Terminate the given connections' SAs (all of this host's by default), forcing. An enforcing
+    host also drops its trap policies for them, or it would hold its traffic to those peers."""
     chosen = sorted(rendered.connections if conns is None else conns)
     body = [_terminate(rendered.stack, c.name) for c in chosen]
+    if rendered.enforce:
+        body += [_untrap(rendered.stack, c.name) for c in chosen]
     return (Step("terminate", _lines(*body, "echo '@@terminated'"), timeout=120.0),)
 
 

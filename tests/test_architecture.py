@@ -9,7 +9,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "rollout"
 PURE = ["model", "errors", "pairing", "profiles", "render", "steps", "planner", "health"]
-IO_MODULES = {"subprocess", "socket", "paramiko", "fabric", "invoke", "typer", "rich", "threading"}
+IO_MODULES = {"subprocess", "socket", "paramiko", "fabric", "invoke", "asyncssh", "asyncio", "typer", "rich",
+              "threading"}
 
 
 def imports_of(path: Path) -> set[str]:
@@ -30,6 +31,12 @@ def modules() -> list[Path]:
 def test_only_ssh_module_imports_paramiko_or_fabric() -> None:
     offenders = [str(p.relative_to(PACKAGE)) for p in modules() if p.name != "ssh.py"
                  and {i.split(".")[0] for i in imports_of(p)} & {"paramiko", "fabric"}]
+    assert offenders == []
+
+
+def test_only_sshasync_module_imports_asyncssh() -> None:
+    offenders = [str(p.relative_to(PACKAGE)) for p in modules() if p.name != "sshasync.py"
+                 and "asyncssh" in {i.split(".")[0] for i in imports_of(p)}]
     assert offenders == []
 
 

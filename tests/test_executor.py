@@ -92,11 +92,11 @@ class Crash(BaseException):
 class SimFleet:
     """Interprets the executor's commands; thread-safe."""
 
-    def __init__(self, fleet: Fleet) -> None:
+    def __init__(self, fleet: Fleet, *, enforce: bool = False) -> None:
         self.fleet = fleet
         self.pairs = compute_pairs(fleet)
         by_host = pairs_by_host(self.pairs)
-        self.rendered = {f: render_host(fleet, by_host.get(f, ()), f) for f in fleet.hosts}
+        self.rendered = {f: render_host(fleet, by_host.get(f, ()), f, enforce=enforce) for f in fleet.hosts}
         self.conf = {f: {x.path: x.sha256 for x in r.files} for f, r in self.rendered.items()}
         self.hosts = {f: SimHost(f) for f in fleet.hosts}
         self.sas: dict[tuple[str, str, str], dict[str, Any]] = {}  # (a, b, family) -> SA
@@ -608,3 +608,49 @@ def test_cli_apply_json_then_runs(cli_env: dict[str, Path], env: Env) -> None:
     runs = json.loads(listing.stdout)
     assert runs[0]["status"] == "completed" and runs[0]["reason"] == "T42"
     assert runs[0]["stages_done"] == ["canary", "rest"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Enforce (trap policies): never hold traffic towards a peer that is not enabled
+# ------------------------------------------------------------------------------------------------
+ENFORCE_ALL_AT_ONCE = """
+name: enforce
+defaults: {gates: {timeout: 20, soak: 10, samples: 2}, parallelism: 4}
+stages:
+  - name: all
+    select: {clusters: [cache_text]}
+    batch: 100%
+    enforce: true
+    budgets: {max_ipsec_failures: 1}
+"""
+
+
+def test_enforce_stage_that_would_blackhole_unenabled_peers_is_refused(fleet: Fleet) -> None:
+    staged = make_playbook().replace("    batch: 1\n", "    batch: 1\n    enforce: true\n")
+    playbook = parse_playbook(staged, source="playbooks/staged.yaml")
+    with pytest.raises(errors.PlaybookError) as exc:
+        build_plan(fleet, compute_pairs(fleet), playbook)
+    text = str(exc.value)
+    assert text.startswith("playbooks/staged.yaml: stage 'rest': enforce (trap policies) would blackhole")
+    assert f"({H2})" in text and f"({H4})" in text  # the host that would hold, the peer not enabled
+    assert "enforce: false" in (exc.value.hint or "")
+
+
+def test_enforce_with_every_peer_in_the_batch_is_planned(fleet: Fleet) -> None:
+    plan = build_plan(fleet, compute_pairs(fleet), parse_playbook(ENFORCE_ALL_AT_ONCE))
+    assert all(h.enforce for h in plan.stages[0].batches[0].hosts)
+
+
+def test_enforcing_peer_drops_its_trap_towards_a_rolled_back_host(env: Env, fleet: Fleet) -> None:
+    warnings: list[str] = []
+    env.sim = SimFleet(fleet, enforce=True)
+    env.sim.bad_cert.add(H4)
+    plan = build_plan(fleet, compute_pairs(fleet), parse_playbook(ENFORCE_ALL_AT_ONCE))
+    res = env.executor(warn=warnings.append).apply(plan)
+    assert res.error is None, res.message
+    assert res.state_of(H4) == HostState.ROLLED_BACK
+    for peer in (H1, H2):  # both stay enabled; neither may keep holding traffic towards H4
+        untrapped = [c for c in env.sim.fake.commands(peer) if "swanctl --uninstall --child" in c]
+        assert untrapped and all(H4.split(".")[0] in c for c in untrapped), untrapped
+    assert not any("--uninstall" in c for c in env.sim.fake.commands(H3))  # not a peer of H4
+    assert any("trap policies towards" in w and H4 in w for w in warnings), warnings
