@@ -78,6 +78,18 @@ class AuditLog:
         self._to_syslog(rec)
         return rec
 
+    def record_many(self, entries: list[tuple[str, str, str, str]]) -> list[AuditRecord]:
+        """(host, action, result, detail) each: appended with one fsync (1,000 hosts of a kill)."""
+        now = self._clock()
+        recs = [AuditRecord(time=now, operator=self.operator, reason=self.reason, run_id=self.run_id,
+                            host=host, action=action, result=result, detail=detail, dry_run=self.dry_run)
+                for host, action, result, detail in entries]
+        with self._lock:
+            self._append(*recs)
+        for rec in recs:
+            self._to_syslog(rec)
+        return recs
+
     def close(self) -> None:
         if self._syslog is not None:
             for handler in list(self._syslog.handlers):
@@ -85,11 +97,11 @@ class AuditLog:
                     handler.close()
                 self._syslog.removeHandler(handler)
 
-    def _append(self, rec: AuditRecord) -> None:
+    def _append(self, *recs: AuditRecord) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         try:
-            os.write(fd, (json.dumps(asdict(rec), sort_keys=True) + "\n").encode())
+            os.write(fd, "".join(json.dumps(asdict(r), sort_keys=True) + "\n" for r in recs).encode())
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from rollout import errors, hostcache
+from rollout.audit import AuditLog
 from rollout.errors import ExitCode
 from rollout.model import Fleet, Host, SshSettings
 from rollout.transport import AsyncTransport, CommandResult, Transport
@@ -39,7 +40,7 @@ from rollout.transport import AsyncTransport, CommandResult, Transport
 STATE_DIR = Path("/var/lib/ipsec-rollout")
 # The executor checks this before every step: present = stop now (errors.KilledDuringApply).
 STOP_FLAG = STATE_DIR / "kill-requested"
-AUDIT_LOG = STATE_DIR / "audit.log"
+AUDIT_LOG = STATE_DIR / "audit.jsonl"  # shared with the executor (rollout.audit)
 RESULT_PREFIX = "IPSEC-KILL "
 log = logging.getLogger(__name__)
 
@@ -500,34 +501,23 @@ def write_report(report: KillReport, path: Path) -> Path:
 
 
 def audit(report: KillReport, *, dry_run: bool = False, path: Path = AUDIT_LOG,
-          report_path: Path | None = None, syslog_address: str = "/dev/log") -> None:
-    """One JSON line in the local audit file and one syslog message; failures are ignored."""
-    record = {"when": _iso(report.finished), "tool": "ipsec-kill", "dry_run": dry_run,
-              "run_id": report.run_id, "mode": report.mode, "who": report.who, "reason": report.reason,
-              "pid": os.getpid(),
-              "summary": report.to_dict()["summary"], "not_clean": [r.fqdn for r in report.not_clean()],
-              "exit_code": int(report.exit_code), "report": str(report_path) if report_path else None}
-    line = json.dumps(record, sort_keys=True)
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
-    _syslog(("DRY-RUN " if dry_run else "") + line, syslog_address)
-
-
-class _QuietSysLog(logging.handlers.SysLogHandler):
-    def handleError(self, record: logging.LogRecord) -> None:
-        """No syslog daemon is not a reason to print a traceback during an incident."""
-
-
-def _syslog(message: str, address: str) -> None:
-    with contextlib.suppress(Exception):
-        handler = _QuietSysLog(address=address)
-        try:
-            handler.ident = "ipsec-kill: "
-            handler.emit(logging.LogRecord("ipsec-kill", logging.WARNING, __file__, 0, message, None, None))
-        finally:
-            handler.close()
+          report_path: Path | None = None, syslog_address: str | None = "/dev/log") -> None:
+    """The run into the audit trail that `apply` writes too (`audit.AuditRecord`, one JSON object per
+    line, fsynced, and syslog): one record per host (result = its outcome), then one for the run
+    (host "*", result "exit N", detail = summary, hosts not clean, report path). Never raises."""
+    action = "ipsec-kill --rearm" if report.mode == "rearm" else "ipsec-kill"
+    entries = [(r.fqdn, action, r.outcome.value, r.detail) for r in report.results]
+    summary = {"summary": report.to_dict()["summary"], "not_clean": [r.fqdn for r in report.not_clean()],
+               "exit_code": int(report.exit_code), "report": str(report_path) if report_path else None,
+               "pid": os.getpid()}
+    entries.append(("*", action, f"exit {int(report.exit_code)}", json.dumps(summary, sort_keys=True)))
+    log = AuditLog(path, operator=report.who, reason=report.reason, run_id=report.run_id, dry_run=dry_run,
+                   syslog_address=syslog_address, clock=lambda: report.finished)
+    try:
+        with contextlib.suppress(OSError):  # an unwritable state dir must not crash a finished kill
+            log.record_many(entries)
+    finally:
+        log.close()
 
 
 def default_who() -> str:

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rollout import errors, hostcache, killswitch
+from rollout.audit import read_audit
 from rollout.cli import kill as kill_cli
 from rollout.errors import ExitCode
 from rollout.killswitch import KillOptions, Outcome, Scope, Targets
@@ -286,8 +287,13 @@ def test_cli_partial_exit_report_and_audit(cli_env: Path, monkeypatch: pytest.Mo
     report = json.loads((cli_env / "r.json").read_text())
     assert report["not_clean"] == ["b1.codfw.test"] and report["summary"]["killed"] == 3
     assert json.loads(capsys.readouterr().out)["run_id"] == report["run_id"]
-    audit = [json.loads(line) for line in (state / "audit.log").read_text().splitlines()]
-    assert audit[-1]["not_clean"] == ["b1.codfw.test"] and audit[-1]["exit_code"] == ExitCode.PARTIAL
+    audit = read_audit(state / "audit.jsonl")  # the same trail and schema as apply's
+    run = audit[-1]
+    assert (run.host, run.action, run.result) == ("*", "ipsec-kill", f"exit {int(ExitCode.PARTIAL)}")
+    assert json.loads(run.detail)["not_clean"] == ["b1.codfw.test"] and run.run_id == report["run_id"]
+    per_host = {r.host: r.result for r in audit[:-1]}
+    assert per_host == {h["host"]: h["outcome"] for h in report["hosts"]}
+    assert per_host["b1.codfw.test"] == "unreachable"
     assert (state / "kill-requested").exists()
     assert fake.closed
 

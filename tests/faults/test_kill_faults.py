@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from rollout import errors, hostcache, killswitch
+from rollout.audit import read_audit
 from rollout.cli import kill as kill_cli
 from rollout.errors import ExitCode
 from rollout.killswitch import KillOptions, Outcome, Targets
@@ -72,8 +73,10 @@ def test_kill_with_20_percent_unreachable_and_one_hang(tmp_path: Path,
     rows = {h["host"]: h for h in report["hosts"]}
     assert all(rows[d]["outcome"] == "unreachable" and rows[d]["attempts"] == 3 for d in DOWN)
     assert rows[hung]["outcome"] == "failed" and "3 s" in rows[hung]["detail"]
-    audit = json.loads((tmp_path / "state" / "audit.log").read_text().splitlines()[-1])
-    assert sorted(audit["not_clean"]) == sorted(DOWN | {hung}) and audit["exit_code"] == ExitCode.PARTIAL
+    audit = read_audit(tmp_path / "state" / "audit.jsonl")
+    assert sorted(r.host for r in audit[:-1]) == sorted(h.fqdn for h in FLEET)  # each host once
+    run = json.loads(audit[-1].detail)
+    assert sorted(run["not_clean"]) == sorted(DOWN | {hung}) and run["exit_code"] == ExitCode.PARTIAL
 
 
 def test_deadline_bounds_a_fleet_of_hangs() -> None:
