@@ -4,7 +4,7 @@ Per batch, phase by phase over a bounded worker pool (so both ends of a pair in 
 their config before either initiates): preflight (read-only; latched hosts refused) -> idempotence
 check (hosts that already carry the plan's files are `unchanged`) -> snapshot -> atomic install ->
 load -> initiate from the designated initiator (and on earlier hosts whose peer this batch enables).
-Then a health gate (see `rollout.gates`... no: `_Gate` below, built on `rollout.health`). On a
+Then a health gate (`rollout.gates`, built on `rollout.health`). On a
 failed gate the batch is rolled back (restore the snapshots, terminate the peers' SAs towards the
 batch), the rollback is verified, and the run stops or pauses as the stage says.
 
@@ -20,7 +20,6 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from importlib import resources
@@ -44,11 +43,13 @@ from rollout.events import (
     NullReporter,
     Reporter,
 )
+from rollout.gates import Gate, GateResult
 from rollout.lock import DEFAULT_TTL, RunLock
-from rollout.model import Connection, Family, Fleet, Host, Pair
+from rollout.model import Connection, Fleet, Host, Pair
 from rollout.pairing import compute_pairs, pairs_by_host
 from rollout.planner import BatchPlan, HostPlan, Plan, StagePlan, bind_run_id, plan_to_json
 from rollout.playbook import Gates
+from rollout.pool import pool
 from rollout.render import RenderedHost, render_host
 from rollout.steps import Step
 from rollout.transport import CommandResult, Transport
@@ -99,16 +100,6 @@ class HostOutcome:
     batch: int
     state: HostState
     detail: str = ""
-
-
-@dataclass(frozen=True, kw_only=True)
-class GateResult:
-    passed: bool
-    failing: tuple[str, ...] = ()  # human lines: which pair, which end, which verdict
-    ipsec_failed: tuple[str, ...] = ()  # hosts blamed for IPsec failures
-    unreachable: tuple[str, ...] = ()
-    samples: int = 0
-    seconds: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -655,8 +646,7 @@ class Executor:
         if not pairs:
             self._emit(run, GATE, stage=sp.name, batch=batch, state="passed", message="no pair to check")
             return GateResult(passed=True)
-        gate = _Gate(self, run, sp.name, batch, pairs, focus)
-        result = gate.run(gates)
+        result = Gate(_GateIO(self, run, sp.name, batch), pairs, focus).run(gates)
         result = replace(result, seconds=self.rt.clock() - began)
         self._journal(run, journal.GATE, stage=sp.name, batch=batch, passed=result.passed,
                       failing=list(result.failing[:20]))
@@ -684,7 +674,7 @@ class Executor:
                 return health.parse_collect(res.stdout, host=fqdn)
             raise AssertionError("unreachable")
 
-        return dict(zip(names, _pool(one, names, 32), strict=True))
+        return dict(zip(names, pool(one, names, 32), strict=True))
 
     def run_on(self, run: _Run, fqdn: str, command: str, *, timeout: float = 60.0) -> CommandResult | None:
         """A read-only or gate command (probe, rekey); None when the host is unreachable."""
@@ -860,7 +850,7 @@ class Executor:
         if run.kind in ("rollback", "teardown") or not hosts:
             return
         command = f"if [ -e {steps.q(steps.LATCH)} ]; then echo latched; fi"
-        answers = _pool(lambda f: self.run_on(run, f, command, timeout=self.rt.collect_timeout), hosts, 32)
+        answers = pool(lambda f: self.run_on(run, f, command, timeout=self.rt.collect_timeout), hosts, 32)
         latched = [f for f, res in zip(hosts, answers, strict=True)
                    if res is not None and "latched" in res.stdout]
         if latched:
@@ -895,7 +885,7 @@ class Executor:
         return changed | set(self._hosts_before(plan, str((past.start.get("stages") or [None])[0])))
 
     def _each(self, run: _Run, sp: StagePlan, items: Sequence[T], fn: Callable[[T], _R]) -> list[_R]:
-        return _pool(fn, items, sp.stage.parallelism)
+        return pool(fn, items, sp.stage.parallelism)
 
     def _host(self, run: _Run, sp: StagePlan, bp: BatchPlan, fqdn: str, state: HostState | None,
               detail: str = "", *, event_state: str | None = None) -> None:
@@ -923,136 +913,35 @@ _R = TypeVar("_R")
 
 
 # ================================================================================================
-# The health gate
+# The gate's view of a run
 # ================================================================================================
-class _Gate:
-    """Wait for every pair to be healthy, probe traffic, optionally force a CHILD rekey, then soak
-    with repeated samples (one lucky sample never passes a gate)."""
+class _GateIO:
+    """`gates.GateIO` for one gate of one run."""
 
-    def __init__(self, ex: Executor, run: _Run, stage: str, batch: int | None, pairs: list[Pair],
-                 focus: set[str]) -> None:
-        self.ex, self.run_, self.stage, self.batch = ex, run, stage, batch
-        self.pairs = pairs
-        self.focus = focus
-        self.samples = 0
-        self.unreachable: set[str] = set()
+    def __init__(self, ex: Executor, run: _Run, stage: str, batch: int | None) -> None:
+        self._ex, self._run, self._stage, self._batch = ex, run, stage, batch
+        self.fleet = ex.fleet
+        self.poll_interval = ex.rt.poll_interval
 
-    def run(self, gates: Gates) -> GateResult:
-        obs, bad = self._wait(gates.timeout)
-        if bad:
-            return self._fail(bad)
-        if gates.probe:
-            bad = self._probe(obs)
-            if bad:
-                return self._fail(bad)
-        if gates.rekey:
-            bad = self._rekey(obs, gates.timeout)
-            if bad:
-                return self._fail(bad)
-        for _ in range(gates.samples):
-            self.ex.rt.sleep(gates.soak / max(1, gates.samples))
-            _, bad = self._sample()
-            if bad:
-                return self._fail(bad)
-        return GateResult(passed=True, samples=self.samples, unreachable=tuple(sorted(self.unreachable)))
+    def clock(self) -> float:
+        return self._ex.rt.clock()
 
-    def _hosts(self) -> set[str]:
-        return {h for p in self.pairs for h in (p.a, p.b)} - self.unreachable
+    def sleep(self, seconds: float) -> None:
+        self._ex.rt.sleep(seconds)
 
-    def _sample(self) -> tuple[dict[str, health.HostObservation], list[_Bad]]:
-        self.ex._check_stop()
-        self.ex._heartbeat(self.run_)  # a long soak must not let the lock go stale
-        obs = self.ex.collect(self._hosts())
-        self.samples += 1
-        for fqdn, o in obs.items():
-            if not o.reachable:
-                self.unreachable.add(fqdn)
-        latched = sorted(f for f, o in obs.items() if o.latched)
-        if latched:  # ipsec-kill reached these hosts mid-run: the kill switch owns them now
-            raise errors.KilledDuringApply(
-                f"host(s) latched off by ipsec-kill during the run: {', '.join(latched)}",
-                hint="nothing was rolled back; `ipsec-kill --rearm` then `ipsec-rollout resume RUN_ID`")
-        self.pairs = [p for p in self.pairs if p.a not in self.unreachable and p.b not in self.unreachable]
-        judged = [health.judge_pair(obs[p.a], obs[p.b], p) for p in self.pairs]
-        bad = [_Bad(ph.pair, ph.failing_names()) for ph in judged if not ph.ok]
-        self.ex._emit(self.run_, GATE, stage=self.stage, batch=self.batch, state="sample",
-                      data={"sample": self.samples, "pairs": len(judged), "bad": len(bad)})
-        return obs, bad
+    def checkpoint(self) -> None:
+        self._ex._check_stop()
+        self._ex._heartbeat(self._run)  # a long soak must not let the lock go stale
 
-    def _wait(self, timeout: float) -> tuple[dict[str, health.HostObservation], list[_Bad]]:
-        deadline = self.ex.rt.clock() + timeout
-        while True:
-            obs, bad = self._sample()
-            if not bad or self.ex.rt.clock() >= deadline:
-                return obs, bad
-            self.ex.rt.sleep(self.ex.rt.poll_interval)
+    def collect(self, hosts: Iterable[str]) -> dict[str, health.HostObservation]:
+        return self._ex.collect(hosts)
 
-    def _probe(self, before: dict[str, health.HostObservation]) -> list[_Bad]:
-        """Ping through every SA from its initiator; both byte counters of both ends must rise."""
-        jobs = [(p, fam) for p in self.pairs for fam in p.families]
+    def run_on(self, fqdn: str, command: str, *, timeout: float = 60.0) -> CommandResult | None:
+        return self._ex.run_on(self._run, fqdn, command, timeout=timeout)
 
-        def ping(job: tuple[Pair, Family]) -> None:
-            pair, fam = job
-            a, b = self.ex.fleet.host(pair.a), self.ex.fleet.host(pair.b)
-            command = health.probe_command(str(a.address(fam)), str(b.address(fam)), fam)
-            self.ex.run_on(self.run_, pair.a, command, timeout=30.0)
-
-        _pool(ping, jobs, 16)
-        after, bad = self._sample()
-        if bad:
-            return bad
-        return [_Bad(p, (f"{fam}: traffic probe did not raise the SA byte counters in both directions",))
-                for p, fam in jobs
-                if not health.pair_traffic_rose((before[p.a], after[p.a]), (before[p.b], after[p.b]), p, fam)]
-
-    def _rekey(self, before: dict[str, health.HostObservation], timeout: float) -> list[_Bad]:
-        """Force a CHILD_SA rekey from each initiator, then wait for new SPIs, healthy again
-        (a PFS / KE mismatch only shows at the first CHILD rekey)."""
-        jobs = [(p, fam) for p in self.pairs for fam in p.families]
-        old = {(p.a, p.b, fam): _spi(before, p, fam) for p, fam in jobs}
-
-        def rekey(job: tuple[Pair, Family]) -> None:
-            pair, fam = job
-            name = health.pair_connections(pair, fam)[0].name
-            self.ex.run_on(self.run_, pair.a,
-                           f"swanctl --rekey --child {steps.q(name)} >/dev/null 2>&1; true")
-
-        _pool(rekey, jobs, 16)
-        deadline = self.ex.rt.clock() + timeout
-        while True:
-            obs, bad = self._sample()
-            stale = [_Bad(p, (f"{fam}: forced CHILD_SA rekey gave no new SPI",)) for p, fam in jobs
-                     if p.a in obs and _spi(obs, p, fam) == old[(p.a, p.b, fam)]]
-            if not bad and not stale:
-                return []
-            if self.ex.rt.clock() >= deadline:
-                return bad or stale
-            self.ex.rt.sleep(self.ex.rt.poll_interval)
-
-    def _fail(self, bad: Sequence[_Bad]) -> GateResult:
-        """Blame, per failing pair, the end(s) in this batch; when one end is healthy with some other
-        peer and the other end is healthy with none, only the latter (one bad host must not use up
-        the failure budget for all its peers)."""
-        failing = {item.pair for item in bad}
-        healthy_somewhere = {h for p in self.pairs if p not in failing for h in (p.a, p.b)}
-        lines: list[str] = []
-        blamed: set[str] = set()
-        for item in bad:
-            pair = item.pair
-            lines.append(f"{pair.a}<->{pair.b}: " + (", ".join(item.reasons) or "unhealthy"))
-            ends = ({pair.a, pair.b} & self.focus) or {pair.a, pair.b}
-            broken = ends - healthy_somewhere
-            blamed.update(broken or ends)
-        return GateResult(passed=False, failing=tuple(lines), ipsec_failed=tuple(sorted(blamed)),
-                          unreachable=tuple(sorted(self.unreachable)), samples=self.samples)
-
-
-@dataclass(frozen=True)
-class _Bad:
-    """A pair that did not pass, and why (for messages)."""
-
-    pair: Pair
-    reasons: tuple[str, ...]
+    def sampled(self, sample: int, pairs: int, bad: int) -> None:
+        self._ex._emit(self._run, GATE, stage=self._stage, batch=self._batch, state="sample",
+                       data={"sample": sample, "pairs": pairs, "bad": bad})
 
 
 # ================================================================================================
@@ -1064,12 +953,6 @@ def sp_hosts(sp: StagePlan) -> list[str]:
 
 def _peers_of(by_host: Mapping[str, tuple[Pair, ...]], fqdns: Iterable[str]) -> set[str]:
     return {p.peer_of(h) for h in fqdns for p in by_host.get(h, ())}
-
-
-def _spi(obs: Mapping[str, health.HostObservation], pair: Pair, fam: Any) -> str:
-    name = health.pair_connections(pair, fam)[0].name
-    children = [c for c in obs[pair.a].children(name) if c.state == "INSTALLED"]
-    return children[-1].spi_in if children else ""
 
 
 def _half_open(obs: Mapping[str, health.HostObservation], pair: Pair) -> list[str]:
@@ -1089,17 +972,6 @@ def _half_open(obs: Mapping[str, health.HostObservation], pair: Pair) -> list[st
             out.append(f"{active[0]}: {conn_a.name if active[0] == pair.a else conn_b.name} still has an "
                        "active CHILD_SA after rollback")
     return out
-
-
-def _pool(fn: Callable[[T], _R], items: Sequence[T], workers: int) -> list[_R]:
-    """fn over items with at most `workers` threads, results in order. Exceptions propagate (after
-    the running calls finish): a kill-switch stop or a crash is never swallowed."""
-    if not items:
-        return []
-    if len(items) == 1 or workers <= 1:
-        return [fn(i) for i in items]
-    with ThreadPoolExecutor(max_workers=min(workers, len(items)), thread_name_prefix="rollout") as pool:
-        return list(pool.map(fn, items))
 
 
 def _read_flag(path: Path) -> dict[str, Any] | None:
