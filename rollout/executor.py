@@ -943,6 +943,9 @@ class _GateIO:
         self._ex._emit(self._run, GATE, stage=self._stage, batch=self._batch, state="sample",
                        data={"sample": sample, "pairs": pairs, "bad": bad})
 
+    def warn(self, message: str) -> None:
+        self._ex._emit(self._run, WARNING, stage=self._stage, batch=self._batch, message=message)
+
 
 # ================================================================================================
 # Module helpers

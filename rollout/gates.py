@@ -50,6 +50,8 @@ class GateIO(Protocol):
 
     def sampled(self, sample: int, pairs: int, bad: int) -> None: ...
 
+    def warn(self, message: str) -> None: ...
+
 
 class Gate:
     """Wait for every pair to be healthy, probe traffic, optionally force a CHILD rekey, then soak
@@ -131,7 +133,11 @@ class Gate:
     def _rekey(self, before: dict[str, health.HostObservation], timeout: float) -> list[_Bad]:
         """Force a CHILD_SA rekey from each initiator, then wait for new SPIs, healthy again
         (a PFS / KE mismatch only shows at the first CHILD rekey)."""
-        jobs = [(p, fam) for p in self.pairs for fam in p.families]
+        legacy = sorted({p.a for p in self.pairs if before[p.a].stack != "swanctl"})
+        if legacy:  # stroke has no CHILD rekey command we could verify in the lab: do not guess
+            self.io.warn(f"forced rekey skipped for pairs initiated by {len(legacy)} host(s) without "
+                         f"swanctl: {', '.join(legacy[:5])}")
+        jobs = [(p, fam) for p in self.pairs if p.a not in legacy for fam in p.families]
         old = {(p.a, p.b, fam): _spi(before, p, fam) for p, fam in jobs}
 
         def rekey(job: tuple[Pair, Family]) -> None:

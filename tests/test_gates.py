@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 from rollout.gates import Gate, GateIO, _Bad
+from rollout.health import HostObservation
 from rollout.model import Pair
 
 
@@ -43,3 +44,46 @@ def test_a_lone_pair_that_fails_blames_both() -> None:
 
 def test_everything_failing_blames_everyone_in_the_batch() -> None:
     assert blamed(ALL, {"e1", "e2", "c1", "c2"}, ALL) == ("c1", "c2", "e1", "e2")
+
+
+class _IO:
+    """A GateIO whose hosts never change: enough to see which commands a gate sends."""
+
+    def __init__(self, observations: dict[str, HostObservation]) -> None:
+        self.fleet: Any = None
+        self.poll_interval = 1.0
+        self.now = 0.0
+        self.observations = observations
+        self.commands: list[tuple[str, str]] = []
+        self.warnings: list[str] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def checkpoint(self) -> None:
+        return None
+
+    def collect(self, hosts: Any) -> dict[str, HostObservation]:
+        return {h: self.observations[h] for h in hosts}
+
+    def run_on(self, fqdn: str, command: str, *, timeout: float = 60.0) -> None:
+        self.commands.append((fqdn, command))
+
+    def sampled(self, sample: int, pairs: int, bad: int) -> None:
+        return None
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+
+def test_forced_rekey_skips_stroke_initiators_and_says_so() -> None:
+    io = _IO({"c1": HostObservation(host="c1"), "e1": HostObservation(host="e1", stack="stroke"),
+              "e2": HostObservation(host="e2")})
+    gate = Gate(cast(GateIO, io), [E1C1, E2C1], {"e1", "e2", "c1"})
+    gate._rekey(io.collect(["c1", "e1", "e2"]), timeout=2.0)
+    rekeyed = {host for host, command in io.commands if "swanctl --rekey" in command}
+    assert rekeyed == {"e2"}  # e1 (stroke) is not sent a swanctl command it does not have
+    assert io.warnings == ["forced rekey skipped for pairs initiated by 1 host(s) without swanctl: e1"]
