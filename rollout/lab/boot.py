@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from rollout.errors import LabError
 from rollout.lab.host import LabHost
@@ -26,13 +29,33 @@ def uml_binary() -> str:
 
 def kernel_argv(paths: LabPaths, spec: LabSpec, host: HostSpec) -> list[str]:
     """The UML command line: the machine's / read-only through hostfs, our init, one vector NIC."""
-    return [
+    guard = needs_xstate_guard()
+    argv = [
         uml_binary(), f"mem={spec.mem_mb}M", f"umid={host.short}", f"uml_dir={paths.uml_dir}",
         "root=/dev/root", "rootfstype=hostfs", "rootflags=/", "ro", f"init={paths.init_script}",
         "con=null", "con0=null,fd:1", "ssl=null",
         f"vec0:transport=tap,ifname={host.tap},mac={host.mac}",
         f"lab.state={paths.root}", f"lab.host={host.short}",
     ]
+    if guard:
+        return [sys.executable, str(XSTATE_GUARD), *argv, "lab.noavx=1"]
+    return argv
+
+
+XSTATE_GUARD = Path(__file__).with_name("xstate_guard.py")
+
+
+def needs_xstate_guard(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True on hosts whose XSAVE area (AMX) is larger than UML 6.1 can restore (see xstate_guard.py).
+    ROLLOUT_LAB_XSTATE_GUARD=1/0 forces it on/off."""
+    forced = os.environ.get("ROLLOUT_LAB_XSTATE_GUARD")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "amx_tile" in flags.split()
 
 
 def recorded_pid(paths: LabPaths, short: str) -> int | None:
@@ -68,6 +91,19 @@ def start_host(paths: LabPaths, spec: LabSpec, host: HostSpec) -> int:
     return proc.pid
 
 
+def console_verdict(paths: LabPaths, short: str) -> str:
+    """The line of a host's console that says why its kernel died (a panic), or ''."""
+    try:
+        lines = paths.console(short).read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    panic = next((i for i, line in enumerate(lines) if "Kernel panic" in line), None)
+    if panic is None:
+        return ""
+    why = [line for line in lines[max(0, panic - 3):panic] if line.strip() and "[<" not in line]
+    return "; ".join([*why[-2:], lines[panic].strip()])
+
+
 def stop_host(paths: LabPaths, short: str) -> None:
     pid = host_running(paths, short)
     if pid is not None:
@@ -95,7 +131,8 @@ def stop_all(paths: LabPaths, shorts: Sequence[str]) -> list[int]:
 
 
 def wait_ready(hosts: Sequence[LabHost], timeout: float,
-               on_ready: Callable[[LabHost, float], None] | None = None) -> dict[str, float | None]:
+               on_ready: Callable[[LabHost, float], None] | None = None,
+               alive: Callable[[LabHost], bool] | None = None) -> dict[str, float | None]:
     """Poll each host's sshd (strict host keys) until it answers; return seconds to ready (None = never).
 
     Each attempt may take longer than the one before (15 s, 30 s, 60 s, ...): on a loaded machine an SSH
@@ -106,6 +143,8 @@ def wait_ready(hosts: Sequence[LabHost], timeout: float,
     def one(host: LabHost) -> float | None:
         attempt = 15.0
         while (left := timeout - (time.monotonic() - started)) > 0:
+            if alive is not None and not alive(host):
+                return None  # the kernel is gone (a panic): waiting longer cannot help
             if host.reachable(timeout=max(2.0, min(attempt, left))):
                 elapsed = time.monotonic() - started
                 if on_ready:

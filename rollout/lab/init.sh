@@ -12,6 +12,9 @@ umask 022
 
 log() { echo "lab-init: $*"; }
 
+NOAVX_HWCAPS=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX_Fast_Unaligned_Load
+NOAVX_OPENSSL="~0x1000000000000000:0"
+
 arg() {
     for word in $(cat /proc/cmdline); do
         case "$word" in "$1"=*) echo "${word#*=}"; return 0 ;; esac
@@ -49,7 +52,12 @@ setup_modprobe() {
     version=$(uname -r)
     mkdir -p "/run/lab/modroot/lib/modules/$version"
     mount --bind "/usr/lib/uml/modules/$version" "/run/lab/modroot/lib/modules/$version"
-    printf '#!/bin/sh\nexec /sbin/modprobe -d /run/lab/modroot "$@"\n' > /run/lab/modprobe
+    # The kernel's on-demand loads run it without our environment: it exports the AVX switch itself.
+    {
+        echo '#!/bin/sh'
+        if [ -n "$NOAVX" ]; then echo "export GLIBC_TUNABLES='$GLIBC_TUNABLES' OPENSSL_ia32cap='$OPENSSL_ia32cap'"; fi
+        echo 'exec /sbin/modprobe -d /run/lab/modroot "$@"'
+    } > /run/lab/modprobe
     chmod 0755 /run/lab/modprobe
     echo /run/lab/modprobe > /proc/sys/kernel/modprobe
     /run/lab/modprobe overlay || log "modprobe overlay failed"
@@ -115,6 +123,10 @@ MaxSessions 50
 PidFile /run/sshd.pid
 Subsystem sftp /usr/lib/openssh/sftp-server
 CONF
+    if [ -e /etc/lab/noavx ]; then
+        echo "SetEnv GLIBC_TUNABLES=glibc.cpu.hwcaps=$NOAVX_HWCAPS OPENSSL_ia32cap=$NOAVX_OPENSSL" \
+            >> /etc/ssh/sshd_config
+    fi
 }
 
 setup_puppet_certs() {
@@ -163,6 +175,15 @@ CONF
 
 main() {
     mount_base
+    # On AMX hosts the kernel runs under xstate_guard.py and cannot restore AVX registers: keep every
+    # guest process (through the environment, and sshd's sessions through SetEnv) off AVX.
+    NOAVX=""
+    if arg lab.noavx >/dev/null; then
+        NOAVX=1
+        GLIBC_TUNABLES=glibc.cpu.hwcaps=$NOAVX_HWCAPS
+        OPENSSL_ia32cap=$NOAVX_OPENSSL
+        export GLIBC_TUNABLES OPENSSL_ia32cap
+    fi
     STATE=$(arg lab.state) || { log "no lab.state= argument"; exec /bin/sh; }
     LAB_SHORT=$(arg lab.host) || { log "no lab.host= argument"; exec /bin/sh; }
     mount_state
@@ -174,6 +195,7 @@ main() {
     # shellcheck disable=SC1090
     . "$HOSTDIR/host.env"
     mkdir -p /etc/lab
+    if [ -n "$NOAVX" ]; then : > /etc/lab/noavx; fi
     load_modules
     setup_identity
     setup_network

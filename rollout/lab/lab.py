@@ -201,8 +201,15 @@ def _boot_missing(lab: Lab, timeout: float, progress: Progress) -> None:
 
 
 def _wait_or_fail(lab: Lab, hosts: Sequence[LabHost], timeout: float) -> None:
-    ready = boot.wait_ready(hosts, timeout=timeout)
+    ready = boot.wait_ready(hosts, timeout=timeout,
+                            alive=lambda h: boot.host_running(lab.paths, h.short) is not None)
     late = [h for h in hosts if ready[h.short] is None]
+    dead = {h.short: why for h in late if (why := boot.console_verdict(lab.paths, h.short))}
+    if dead:
+        short, why = sorted(dead.items())[0]
+        raise LabError(
+            f"lab kernel(s) died while booting: {', '.join(sorted(dead))}; {short}: {why}",
+            hint=f"see {lab.paths.console(short)}; docs/lab.md lists the known host/kernel problems")
     if late:
         names = ", ".join(h.short for h in late)
         raise LabError(
