@@ -39,6 +39,60 @@ def test_layout_and_inventory_are_valid(tmp_path: Path) -> None:
     assert sum(len(s) for s in stages) == 8
 
 
+def test_xstate_guard_only_on_amx_hosts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rollout.lab import boot
+
+    monkeypatch.delenv("ROLLOUT_LAB_XSTATE_GUARD", raising=False)
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx512f amx_bf16 amx_tile amx_int8\n")
+    assert boot.needs_xstate_guard(cpuinfo)
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f\n")
+    assert not boot.needs_xstate_guard(cpuinfo)
+    monkeypatch.setenv("ROLLOUT_LAB_XSTATE_GUARD", "1")
+    assert boot.needs_xstate_guard(cpuinfo)
+
+
+def test_xstate_guard_refuses_only_the_xstate_regset() -> None:
+    """The seccomp program, run by the kernel's own interpreter in a child: the guarded ptrace
+    requests get EIO, any other ptrace request and any other syscall go through."""
+    import subprocess
+    import sys
+
+    from rollout.lab import boot
+
+    child = """
+import ctypes, errno, os, runpy, sys
+guard = runpy.run_path(sys.argv[1])
+guard["install"]()
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+def errno_of(request, regset):
+    ctypes.set_errno(0)
+    libc.ptrace(request, os.getpid(), ctypes.c_void_p(regset), None)
+    return ctypes.get_errno()
+print(errno_of(0x4204, 0x202), errno_of(0x4205, 0x202), errno_of(0x4204, 1), os.getpid() > 0)
+"""
+    out = subprocess.run([sys.executable, "-c", child, str(boot.XSTATE_GUARD)], capture_output=True,
+                         text=True, timeout=60, check=True).stdout.split()
+    assert out[:2] == ["5", "5"]  # EIO from the filter for GETREGSET/SETREGSET NT_X86_XSTATE
+    assert out[2] != "5" and out[3] == "True"  # the kernel's own answer (ESRCH: not our tracee)
+
+
+def test_console_verdict_names_the_panic(tmp_path: Path) -> None:
+    from rollout.lab import boot
+    from rollout.lab.paths import LabPaths
+
+    paths = LabPaths(tmp_path)
+    paths.console("cp1001").parent.mkdir(parents=True)
+    paths.console("cp1001").write_text(
+        "Run /x/init.sh as init process\nuserspace - ptrace set fp regs failed, errno = 14\n"
+        "Kernel panic - not syncing: Attempted to kill init! exitcode=0x0000000b\n [<606931e5>] panic\n")
+    verdict = boot.console_verdict(paths, "cp1001")
+    assert "ptrace set fp regs failed" in verdict and "Kernel panic" in verdict
+    paths.console("cp1001").write_text("lab-init: ready to hand over to busybox init\n")
+    assert boot.console_verdict(paths, "cp1001") == ""
+
+
 def test_probe_classifies_tcpdump_lines() -> None:
     from rollout.lab.probe import classify
 
