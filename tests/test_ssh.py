@@ -155,18 +155,3 @@ def test_known_hosts_parser_ignores_garbage(tmp_path: Path) -> None:
                  "h1,h2 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n")
     known = load_known_hosts([str(f), str(tmp_path / "missing")])
     assert len(known.keys_for("h2")) == 1 and not known.keys_for("host")
-
-
-def test_only_ssh_module_imports_paramiko() -> None:
-    root = Path(__file__).resolve().parent.parent / "rollout"
-    importers = {p.relative_to(root).as_posix() for p in root.rglob("*.py")
-                 if "import paramiko" in p.read_text() or "import fabric" in p.read_text()
-                 or "from paramiko" in p.read_text() or "from fabric" in p.read_text()}
-    assert importers <= {"ssh.py"}
-
-
-def test_only_sshasync_module_imports_asyncssh() -> None:
-    root = Path(__file__).resolve().parent.parent / "rollout"
-    importers = {p.relative_to(root).as_posix() for p in root.rglob("*.py")
-                 if "import asyncssh" in p.read_text() or "from asyncssh" in p.read_text()}
-    assert importers <= {"sshasync.py"}
