@@ -18,6 +18,7 @@ from rollout.lab.inventory import write_inventory
 from rollout.lab.material import prepare_state_dir
 from rollout.lab.paths import LabPaths, default_netns, default_state_dir
 from rollout.lab.playbook import write_playbook
+from rollout.lab.proc import pid_alive
 from rollout.lab.spec import LabSpec, build_spec
 
 Progress = Callable[[str], None]
@@ -200,11 +201,17 @@ def _boot_missing(lab: Lab, timeout: float, progress: Progress) -> None:
         _wait_or_fail(lab, fresh, timeout)
 
 
+def _kernel_alive(lab: Lab, host: LabHost) -> bool:
+    # Only the PID: its cmdline reads empty for a moment while ip-netns-exec and the guard exec.
+    pid = boot.recorded_pid(lab.paths, host.short)
+    return pid is not None and pid_alive(pid)
+
+
 def _wait_or_fail(lab: Lab, hosts: Sequence[LabHost], timeout: float) -> None:
-    ready = boot.wait_ready(hosts, timeout=timeout,
-                            alive=lambda h: boot.host_running(lab.paths, h.short) is not None)
+    ready = boot.wait_ready(hosts, timeout=timeout, alive=lambda h: _kernel_alive(lab, h))
     late = [h for h in hosts if ready[h.short] is None]
-    dead = {h.short: why for h in late if (why := boot.console_verdict(lab.paths, h.short))}
+    dead = {h.short: boot.console_verdict(lab.paths, h.short) or "its kernel exited (no panic line)"
+            for h in late if not _kernel_alive(lab, h)}
     if dead:
         short, why = sorted(dead.items())[0]
         raise LabError(
