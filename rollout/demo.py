@@ -136,8 +136,9 @@ class Tour:
              "host in parallel.", self.kill),
             ("Traffic after the kill", "Cleartext again, and still flowing.", self.wire_clear),
             ("Status after the kill", "Killed hosts show as latched, not as failures.", self.status_after),
-            ("The latch holds", "A rollout refuses latched hosts until an operator lifts the latch "
-             "explicitly with ipsec-kill --rearm.", self.latch_holds),
+            ("The latch holds", "A rollout is refused while the kill's stop flag stands, and then on "
+             "every host still latched, until an operator lifts the latch with ipsec-kill --rearm.",
+             self.latch_holds),
             ("Clean up", "Stop every UML host and remove the namespace.", self.cleanup),
         ]
 
@@ -198,11 +199,18 @@ class Tour:
         self.run([*tool("ipsec-rollout"), "status", "--inventory", str(inv)], ok_codes=(0, 1, 2))
 
     def latch_holds(self) -> None:
+        """Two layers: the fleet-wide stop flag (any rearm lifts it), then each host's own latch."""
         inv, books = self.lab_dirs()
-        self.run([*tool("ipsec-rollout"), "apply", self.options.playbook, "--inventory", str(inv),
-                  "--playbooks", str(books), "--yes", "--reason", "demo: must be refused"],
-                 ok_codes=(int(ExitCode.HOST_LATCHED),))
-        self.prove("apply refused on latched hosts", True, f"exit {int(ExitCode.HOST_LATCHED)}")
+        apply = [*tool("ipsec-rollout"), "apply", self.options.playbook, "--inventory", str(inv),
+                 "--playbooks", str(books), "--yes", "--reason", "demo: must be refused"]
+        self.run(apply, ok_codes=(int(ExitCode.KILLED_DURING_APPLY),))
+        self.prove("apply refused while the kill's stop flag stands", True,
+                   f"exit {int(ExitCode.KILLED_DURING_APPLY)}")
+        first = self.first_pair().a
+        self.run([*tool("ipsec-kill"), "--rearm", "--host", first, "--yes", "--inventory", str(inv),
+                  "--report", str(inv.parent / "ipsec-rearm-demo-one.json")])
+        self.run(apply, ok_codes=(int(ExitCode.HOST_LATCHED),))
+        self.prove("apply refused on the hosts still latched", True, f"exit {int(ExitCode.HOST_LATCHED)}")
         self.run([*tool("ipsec-kill"), "--rearm", "--all", "--yes", "--inventory", str(inv),
                   "--report", str(inv.parent / "ipsec-rearm-demo.json")])
 
