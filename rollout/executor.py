@@ -394,13 +394,14 @@ class Executor:
             self._dry_run_batch(run, sp, bp, ready)
             return
         todo = self._idempotence(run, sp, bp, ready)
+        unchanged = not todo
         failed: set[str] = set()
         for phase in ("snapshot", "install", "load"):
             todo = self._phase(run, sp, bp, todo, phase, budget, failed)
         alive = [h for h in ready if h.fqdn not in failed]
         self._initiate(run, sp, bp, alive, changed={h.fqdn for h in todo}, budget=budget, failed=failed)
         run.enabled.update(h.fqdn for h in alive if h.fqdn not in failed)
-        gate = self._batch_gate(run, sp, bp, failed)
+        gate = self._batch_gate(run, sp, bp, failed, unchanged=unchanged)
         budget.ipsec.update(gate.ipsec_failed)
         budget.unreachable.update(gate.unreachable)
         self._settle_batch(run, sp, bp, budget, failed | set(gate.ipsec_failed) | set(gate.unreachable), gate)
@@ -617,10 +618,16 @@ class Executor:
         run.lock.refresh()
 
     # -------------------------------------------------------------------------- gates
-    def _batch_gate(self, run: _Run, sp: StagePlan, bp: BatchPlan, failed: set[str]) -> GateResult:
+    def _batch_gate(self, run: _Run, sp: StagePlan, bp: BatchPlan, failed: set[str], *,
+                    unchanged: bool) -> GateResult:
+        """The stage's full gate. A batch that changed nothing (a re-run) is still checked, but not
+        soaked or rekeyed again: a 2 h soak per untouched batch would make re-runs unusable."""
         focus = set(bp.fqdns) - failed - run.excluded
         pairs = self._pairs_touching(focus, run)
-        return self._gate(run, sp, bp.index, pairs, sp.stage.gates, focus)
+        gates = sp.stage.gates
+        if unchanged:
+            gates = replace(gates, soak=0.0, samples=0, rekey=False)
+        return self._gate(run, sp, bp.index, pairs, gates, focus)
 
     def _stage_gate(self, run: _Run, sp: StagePlan, budget: _Budget) -> None:
         """Every pair with both ends enabled (cumulative), without the soak: each batch had it."""

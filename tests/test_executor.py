@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from rollout import errors, journal
-from rollout.events import RecordingReporter
+from rollout.events import GATE, RecordingReporter
 from rollout.executor import Executor, HostState, Runtime
 from rollout.inventory import build_fleet
 from rollout.lock import RunLock
@@ -362,11 +362,17 @@ def test_happy_path_brings_up_every_sa(env: Env, fleet: Fleet) -> None:
 
 def test_reapply_is_unchanged(env: Env, fleet: Fleet) -> None:
     env.executor().apply(plan_for(fleet))
-    before = env.sim.mutations
+    before, began, seen = env.sim.mutations, env.clock.now, len(env.reporter.events)
+    rekeys = sum("swanctl --rekey" in c for c in env.sim.fake.commands())
     res = env.executor().apply(plan_for(fleet))
     assert res.error is None, res.message
     assert {res.state_of(h) for h in (H1, H2, H3, H4)} == {HostState.UNCHANGED}
     assert env.sim.mutations == before  # not one mutating command
+    # every batch is still gated (health checked), but an untouched batch is not soaked or rekeyed
+    gates = [e for e in env.reporter.events[seen:] if e.kind == GATE and e.state == "passed"]
+    assert gates and all(e.data["samples"] == 2 for e in gates), gates  # wait + probe, no soak samples
+    assert sum("swanctl --rekey" in c for c in env.sim.fake.commands()) == rekeys
+    assert env.clock.now - began < 10  # the playbook's soak is 10 s per batch
 
 
 def test_dry_run_changes_nothing(env: Env, fleet: Fleet) -> None:
