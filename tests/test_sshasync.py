@@ -167,3 +167,19 @@ def test_sh_join_round_trips_through_a_real_shell(sshd: Sshd, transport: AsyncSs
     out = run(transport, sshd.host(), sh_join(["printf", "%s\\0", *NASTY])).stdout
     assert out.split("\0")[:-1] == NASTY
     assert not Path("/tmp/pwned-sshasync").exists()
+
+
+def test_algorithm_lists_prefer_x25519_and_gcm_and_keep_every_default() -> None:
+    """Pre-expanded once (asyncssh re-expands patterns on every options build): same preference order,
+    and every algorithm asyncssh offers by default is still offered, so old servers still connect."""
+    import asyncssh
+
+    from rollout.sshasync import _algorithms
+
+    kex, ciphers = _algorithms()
+    assert kex[:2] == ["curve25519-sha256", "curve25519-sha256@libssh.org"]
+    assert ciphers[:2] == ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"]
+    defaults = asyncssh.SSHClientConnectionOptions(config=[], known_hosts=None, client_keys=(),
+                                                   agent_path=None, username="-")
+    for chosen, default in ((kex, defaults.kex_algs), (ciphers, defaults.encryption_algs)):
+        assert {a.decode() for a in default} <= set(chosen) and len(set(chosen)) == len(chosen)
