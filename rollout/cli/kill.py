@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -107,6 +109,21 @@ def _confirm(targets: Targets, options: KillOptions, yes: bool) -> None:
         raise errors.Aborted("confirmation did not match; nothing was done")
 
 
+@contextlib.contextmanager
+def _fewer_collections() -> Iterator[None]:
+    """Cyclic GC took ~9 % of the client's CPU at 1,000 hosts (asyncssh allocates per packet): for the
+    run, freeze what start-up built and collect the young generation 10x less often. Memory stays
+    bounded (cycles are still collected, later); the process is as before afterwards."""
+    threshold = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(threshold[0] * 10, *threshold[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
+
+
 def _execute(targets: Targets, options: KillOptions, state_dir: Path, handshakes: int) -> KillReport:
     transport = transport_factory(max(1, handshakes))
     total = len(targets.hosts)
@@ -122,8 +139,9 @@ def _execute(targets: Targets, options: KillOptions, state_dir: Path, handshakes
     err.print(f"{options.mode}: {total} host(s), parallel {options.parallel}, "
               f"deadline {options.deadline:g} s, run {options.run_id}", highlight=False)
     try:
-        return killswitch.run_kill(targets, transport, options, on_result=progress,
-                                   stop_flag=state_dir / killswitch.STOP_FLAG.name)
+        with _fewer_collections():
+            return killswitch.run_kill(targets, transport, options, on_result=progress,
+                                       stop_flag=state_dir / killswitch.STOP_FLAG.name)
     finally:
         transport.close()
 
