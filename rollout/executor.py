@@ -624,16 +624,14 @@ class Executor:
         soaked or rekeyed again: a 2 h soak per untouched batch would make re-runs unusable."""
         focus = set(bp.fqdns) - failed - run.excluded
         pairs = self._pairs_touching(focus, run)
-        gates = sp.stage.gates
-        if unchanged:
-            gates = replace(gates, soak=0.0, samples=0, rekey=False)
+        gates = _wait_and_probe(sp.stage.gates) if unchanged else sp.stage.gates
         return self._gate(run, sp, bp.index, pairs, gates, focus)
 
     def _stage_gate(self, run: _Run, sp: StagePlan, budget: _Budget) -> None:
         """Every pair with both ends enabled (cumulative), without the soak: each batch had it."""
         focus = set(sp_hosts(sp)) - run.excluded
         pairs = self._pairs_touching(set(run.enabled), run)
-        gates = replace(sp.stage.gates, soak=0.0, samples=0, rekey=False)
+        gates = _wait_and_probe(sp.stage.gates)
         gate = self._gate(run, sp, None, pairs, gates, focus)
         budget.ipsec.update(gate.ipsec_failed)
         budget.unreachable.update(gate.unreachable)
@@ -841,7 +839,7 @@ class Executor:
         for hp in gone:
             self._host(run, sp, bp, hp.fqdn, HostState.REMOVED)
         gate = self._gate(run, sp, bp.index, self._pairs_touching(_peers_of(self._by_host, bp.fqdns), run),
-                          replace(sp.stage.gates, soak=0.0, samples=0, rekey=False), set())
+                          _wait_and_probe(sp.stage.gates), set())
         if not gate.passed:
             run.enabled.update(bp.fqdns)
             self._fail_batch(run, sp, [bp], "teardown broke remaining pairs: " + "; ".join(gate.failing[:5]))
@@ -917,6 +915,11 @@ class Executor:
 
 
 _R = TypeVar("_R")
+
+
+def _wait_and_probe(gates: Gates) -> Gates:
+    """The gate without its soak and forced rekey: for checks after the soak was already done."""
+    return replace(gates, soak=0.0, samples=0, rekey=False)
 
 
 # ================================================================================================
