@@ -6,7 +6,8 @@ mount namespaces, a private overlay over /etc, tmpfs /run, root's shell = /bin/s
 the kill script touches nothing of this machine. Then drives the SAME kill command
 (`killswitch.remote_command`) on every host with each tool, side by side:
 
-  ipsec-kill   the real CLI (`python -m rollout.cli.kill --hosts-file ... --yes`), netns sockets
+  ipsec-kill   the real CLI (`rollout.cli.kill --hosts-file ... --yes`, run through runpy so the CPU
+               its cyclic GC takes can be reported in the note column), netns sockets
   openssh      `xargs -P <parallel> ssh` (OpenSSH client, one process per host, its default kex)
   openssh-x25519  the same with `-o KexAlgorithms=curve25519-sha256` (what ipsec-kill negotiates)
   fabric       fabric.ThreadingGroup (its own default: one thread per host, no host-key check)
